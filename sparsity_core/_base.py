@@ -1,0 +1,189 @@
+"""Base classes for implementations: ``Sparsifier``, ``ScoreSparsifier`` and ``Scheduler``.
+
+This module imports no torch at import time, so that listing and showing implementations (the
+CLI, ``list_sparsifiers()``) stays fast; the tensor work lives in :mod:`sparsity_core._engine`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from ._specs import SchedulerSpec, ScoreSpec, SparsifierSpec
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+def _titled_spec(cls: type, spec: type[BaseModel]) -> type[BaseModel]:
+    """A subclass of ``spec`` titled with the implementation's name, so that a validation error
+    reads "1 validation error for magnitude" rather than for the shared base model."""
+    if spec.model_config.get("title") == cls.name:
+        return spec
+    return type(
+        f"{cls.__name__}Spec",
+        (spec,),
+        {
+            "model_config": ConfigDict(title=cls.name),
+            "__module__": cls.__module__,
+            "__qualname__": f"{cls.__qualname__}.Spec",
+            "__doc__": spec.__doc__,
+        },
+    )
+
+
+def _validate_spec(cls: Any, spec: BaseModel | Mapping[str, Any] | None, fields: dict[str, Any]) -> Any:
+    if spec is None:
+        data: dict[str, Any] = {}
+    elif isinstance(spec, BaseModel):
+        # A spec instance of this model or of a base (e.g. a plain ScoreSpec): keep what was set.
+        data = spec.model_dump(exclude_unset=True)
+    elif isinstance(spec, Mapping):
+        data = dict(spec)
+    else:
+        raise TypeError(
+            f"{cls.name}: arguments must be a dict or a {cls.Spec.__name__} instance, "
+            f"got {type(spec).__name__}"
+        )
+    return cls.Spec.model_validate({**data, **fields})
+
+
+class _Implementation(ABC):
+    name: ClassVar[str] = ""
+    Spec: ClassVar[type[BaseModel]]
+    spec: Any
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__ and cls.name:
+            cls.Spec = _titled_spec(cls, cls.Spec)
+
+    def __init__(self, spec: BaseModel | Mapping[str, Any] | None = None, /, **fields: Any) -> None:
+        self.spec = _validate_spec(type(self), spec, fields)
+
+    @classmethod
+    def summary(cls) -> str:
+        """The first line of the class docstring."""
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.spec.model_dump(exclude_unset=True).items())
+        return f"{type(self).__name__}({args})"
+
+
+class Sparsifier(_Implementation):
+    """Turns named tensors and target levels into boolean masks (True = keep).
+
+    Subclass this only to take over mask selection whole; most plugins subclass
+    :class:`ScoreSparsifier` and write one ``score`` function.
+    """
+
+    Spec: ClassVar[type[SparsifierSpec]] = SparsifierSpec
+    spec: SparsifierSpec
+
+    #: Set to True when the sparsifier needs activations: the controller then runs calibration
+    #: batches through the model and calls :meth:`observe` for each covered parameter.
+    needs_calibration: ClassVar[bool] = False
+
+    # -- which names, with which arguments -------------------------------------------------
+    def covers(self, names: Iterable[str], default: Callable[[str], bool] | None = None) -> list[str]:
+        """The names this sparsifier covers, in order. ``default`` decides when ``include`` is
+        unset (for a module: weights of Linear/Conv/Embedding); with no default, every name."""
+        include, exclude = self.spec.include, self.spec.exclude
+        chosen = []
+        for name in names:
+            if include is None:
+                if default is not None and not default(name):
+                    continue
+            elif not any(fnmatch.fnmatchcase(name, p) for p in include):
+                continue
+            if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+                continue
+            chosen.append(name)
+        return chosen
+
+    def spec_for(self, name: str) -> SparsifierSpec:
+        """The spec that applies to ``name``: the first matching override, else the spec itself."""
+        for pattern, resolved in self._resolved_overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                return resolved
+        return self.spec
+
+    @cached_property
+    def _resolved_overrides(self) -> list[tuple[str, SparsifierSpec]]:
+        return [(p, self.spec.resolve(p, v)) for p, v in self.spec.overrides.items()]
+
+    def final_levels(self, names: Iterable[str]) -> dict[str, float]:
+        """Each name's target level, overrides applied."""
+        return {n: self.spec_for(n).sparsity_level for n in names}
+
+    # -- the work ----------------------------------------------------------------------------
+    @abstractmethod
+    def compute_masks(
+        self, tensors: Mapping[str, torch.Tensor], levels: Mapping[str, float]
+    ) -> dict[str, torch.Tensor]:
+        """Return a boolean mask (True = keep) shaped like each tensor, at the given levels.
+
+        Must not modify the tensors. ``levels`` maps every name in ``tensors`` to its current
+        level (the scheduler has already been applied).
+        """
+
+    # -- calibration (only when needs_calibration) -------------------------------------------
+    def reset_calibration(self) -> None:
+        """Forget statistics gathered by :meth:`observe`."""
+
+    def observe(self, name: str, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        """Called with the inputs of the module that owns parameter ``name``, once per batch."""
+
+
+class ScoreSparsifier(Sparsifier):
+    """A sparsifier that only scores importance; the core selects masks by pattern and scope."""
+
+    Spec: ClassVar[type[ScoreSpec]] = ScoreSpec
+    spec: ScoreSpec
+
+    @abstractmethod
+    def score(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Importance of each element of ``tensor`` (same shape; higher = more important)."""
+
+    def compute_masks(
+        self, tensors: Mapping[str, torch.Tensor], levels: Mapping[str, float]
+    ) -> dict[str, torch.Tensor]:
+        from ._engine import score_masks
+
+        return score_masks(self, tensors, levels)
+
+
+class Scheduler(_Implementation):
+    """Maps training progress to the current level: a pure function of progress and its spec."""
+
+    Spec: ClassVar[type[SchedulerSpec]] = SchedulerSpec
+    spec: SchedulerSpec
+
+    @abstractmethod
+    def level_at(self, t: float, final_level: float) -> float:
+        """The level at progress ``t`` (completed epochs or steps) for a group whose final level
+        is ``final_level``. The core clamps the result to [0, final_level]."""
+
+    def __call__(self, t: float, final_level: float) -> float:
+        level = float(self.level_at(t, final_level))
+        if not math.isfinite(level):
+            raise ValueError(f"scheduler {self.name!r} returned {level} at t={t}, final_level={final_level}")
+        return min(max(level, 0.0), final_level)
+
+    def progress(self, t: float) -> float:
+        """Fraction of the way from ``start`` to ``end`` at ``t``, in [0, 1]."""
+        start, end = self.spec.start, self.spec.end
+        if t < start:
+            return 0.0
+        if end is None or end <= start:
+            return 1.0
+        return min(1.0, (t - start) / (end - start))

@@ -1,0 +1,163 @@
+"""``SparsityController``: masks, schedule and state for a module or named tensors.
+
+The callbacks are thin wrappers on it; plain PyTorch loops use it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._api import Args, create_scheduler, create_sparsifier
+from ._base import Scheduler, Sparsifier
+from ._report import SparsityReport
+from ._targets import named_tensors, owner_modules
+
+STATE_VERSION = 1
+
+
+class SparsityController:
+    """Keeps one boolean mask per covered tensor and applies it in place.
+
+    ``step(t)`` moves the schedule to progress ``t`` and recomputes masks when the level changes;
+    ``apply_masks()`` re-zeroes pruned weights (call it after each optimizer step, or let
+    :meth:`attach` register an optimizer step hook that does); ``squash()`` makes the masks
+    permanent and drops them.
+    """
+
+    def __init__(
+        self,
+        target: nn.Module | Mapping[str, torch.Tensor],
+        sparsifier: str | type[Sparsifier] | Sparsifier = "magnitude",
+        sparsifier_args: Args = None,
+        scheduler: str | type[Scheduler] | Scheduler = "constant",
+        scheduler_args: Args = None,
+    ) -> None:
+        self.target = target
+        self.sparsifier = create_sparsifier(sparsifier, sparsifier_args)
+        self.scheduler = create_scheduler(scheduler, scheduler_args)
+        tensors, default = named_tensors(target)
+        names = self.sparsifier.covers(tensors, default)
+        if not names:
+            spec = self.sparsifier.spec
+            rule = f"include={spec.include}" if spec.include is not None else "the default (Linear/Conv/Embedding weights)"
+            raise ValueError(
+                f"sparsifier {self.sparsifier.name!r} covers no tensor: {rule} with exclude={spec.exclude} "
+                f"matched nothing among {len(tensors)} names (e.g. {list(tensors)[:5]})"
+            )
+        self.tensors: dict[str, torch.Tensor] = {n: tensors[n] for n in names}
+        self.final_levels: dict[str, float] = self.sparsifier.final_levels(names)
+        self.levels: dict[str, float] = dict.fromkeys(names, 0.0)
+        self.masks: dict[str, torch.Tensor] = {}
+        self.t: float | None = None
+        self._hooks: list[Any] = []
+
+    # -- schedule ----------------------------------------------------------------------------
+    def levels_at(self, t: float) -> dict[str, float]:
+        return {n: self.scheduler(t, final) for n, final in self.final_levels.items()}
+
+    def step(self, t: float | None = None) -> bool:
+        """Move to progress ``t`` (default: the end of the schedule). Returns True when the
+        masks were recomputed."""
+        if t is None:
+            t = max(self.scheduler.spec.end or 0.0, self.scheduler.spec.start)
+        self.t = float(t)
+        levels = self.levels_at(self.t)
+        if levels == self.levels and (self.masks or not any(levels.values())):
+            return False
+        self.update_masks(levels)
+        return True
+
+    def update_masks(self, levels: Mapping[str, float] | None = None) -> None:
+        """Recompute every mask at ``levels`` (default: the current ones) and apply them."""
+        if levels is not None:
+            self.levels = dict(levels)
+        with torch.no_grad():
+            masks = self.sparsifier.compute_masks(self.tensors, self.levels)
+        self.masks = {n: m.to(torch.bool) for n, m in masks.items()}
+        self.apply_masks()
+
+    # -- masks -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero every pruned element in place."""
+        for name, mask in self.masks.items():
+            self.tensors[name].mul_(mask)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Re-apply the masks after every ``optimizer.step()``; returns the removable handle."""
+        handle = optimizer.register_step_post_hook(lambda *_: self.apply_masks())
+        self._hooks.append(handle)
+        return handle
+
+    def detach(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def squash(self) -> None:
+        """Make the masks permanent (pruned weights stay zero) and drop them."""
+        self.apply_masks()
+        self.masks = {}
+        self.detach()
+
+    # -- calibration -------------------------------------------------------------------------
+    def calibrate(self, batches: Iterable[Any]) -> int:
+        """Run ``batches`` through the module so a sparsifier that needs activations can observe
+        them. Returns the number of batches seen (0 when the sparsifier needs none)."""
+        if not self.sparsifier.needs_calibration:
+            return 0
+        if not isinstance(self.target, nn.Module):
+            raise TypeError("calibration needs an nn.Module target, not a mapping of tensors")
+        self.sparsifier.reset_calibration()
+        handles = []
+        for name, module in owner_modules(self.target, list(self.tensors)).items():
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda mod, inputs, name=name: self.sparsifier.observe(name, mod, inputs)
+                )
+            )
+        seen = 0
+        was_training = self.target.training
+        self.target.eval()
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    self.target(*batch) if isinstance(batch, tuple) else self.target(batch)
+                    seen += 1
+        finally:
+            self.target.train(was_training)
+            for h in handles:
+                h.remove()
+        return seen
+
+    # -- reporting and state -----------------------------------------------------------------
+    def report(self) -> SparsityReport:
+        return SparsityReport.measure(self.tensors)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks (bool) and schedule position; loads with ``torch.load(weights_only=True)``."""
+        return {
+            "version": STATE_VERSION,
+            "sparsifier": self.sparsifier.name,
+            "t": self.t,
+            "levels": dict(self.levels),
+            "masks": {n: m.clone() for n, m in self.masks.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported sparsity state version {state.get('version')!r}")
+        unknown = set(state["masks"]) - set(self.tensors)
+        if unknown:
+            raise KeyError(f"saved masks for names this controller does not cover: {sorted(unknown)}")
+        for name, mask in state["masks"].items():
+            if mask.shape != self.tensors[name].shape:
+                raise ValueError(f"saved mask for {name!r} has shape {tuple(mask.shape)}, tensor has {tuple(self.tensors[name].shape)}")
+        self.t = state["t"]
+        self.levels = {n: float(state["levels"].get(n, 0.0)) for n in self.tensors}
+        self.masks = {n: m.to(device=self.tensors[n].device, dtype=torch.bool) for n, m in state["masks"].items()}
+        self.apply_masks()

@@ -1,0 +1,23 @@
+"""The built-in implementations: a plugin like any other, registered through the same hooks."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..hookspecs import hookimpl
+
+
+@hookimpl
+def register_sparsifiers(register: Callable[[type[Any]], None]) -> None:
+    from .sparsifiers import BUILTIN_SPARSIFIERS
+
+    for cls in BUILTIN_SPARSIFIERS:
+        register(cls)
+
+
+@hookimpl
+def register_schedulers(register: Callable[[type[Any]], None]) -> None:
+    from .schedulers import BUILTIN_SCHEDULERS
+
+    for cls in BUILTIN_SCHEDULERS:
+        register(cls)

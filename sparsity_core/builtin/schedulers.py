@@ -1,0 +1,64 @@
+"""Built-in schedulers: pure functions of progress ``t`` and the group's final level."""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import Field
+
+from .._base import Scheduler
+from .._specs import SchedulerSpec
+
+
+class Constant(Scheduler):
+    """The final level from `start` on (nothing before)."""
+
+    name = "constant"
+
+    def level_at(self, t: float, final_level: float) -> float:
+        return final_level if t >= self.spec.start else 0.0
+
+
+class Linear(Scheduler):
+    """Rise linearly from 0 at `start` to the final level at `end`."""
+
+    name = "linear"
+
+    def level_at(self, t: float, final_level: float) -> float:
+        return final_level * self.progress(t)
+
+
+class Cubic(Scheduler):
+    """Zhu & Gupta (2017): final * (1 - (1 - p)^3), fast at first, gentle near the end."""
+
+    name = "cubic"
+
+    def level_at(self, t: float, final_level: float) -> float:
+        if t < self.spec.start:
+            return 0.0
+        return final_level * (1.0 - (1.0 - self.progress(t)) ** 3)
+
+
+class StepSpec(SchedulerSpec):
+    initial_level: float = Field(0.1, ge=0.0, le=1.0, description="Level at `start`.")
+    gamma: float = Field(2.0, gt=0.0, description="Factor applied to the level every `step_size`.")
+    step_size: float = Field(1, gt=0, description="Progress (in `unit`) between two multiplications.")
+
+
+class Step(Scheduler):
+    """The seed's StepSL, bounded: initial_level * gamma^k every step_size, never above the final."""
+
+    name = "step"
+    Spec = StepSpec
+    spec: StepSpec
+
+    def level_at(self, t: float, final_level: float) -> float:
+        if t < self.spec.start:
+            return 0.0
+        k = math.floor((t - self.spec.start) / self.spec.step_size + 1e-9)
+        # gamma ** k overflows for long runs; in log space the cap is reached first.
+        log_level = math.log(self.spec.initial_level) + k * math.log(self.spec.gamma) if self.spec.initial_level > 0 else -math.inf
+        return min(final_level, math.exp(min(log_level, 0.0)))
+
+
+BUILTIN_SCHEDULERS = [Constant, Linear, Cubic, Step]
