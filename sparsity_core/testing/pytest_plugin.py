@@ -1,0 +1,1 @@
+"""pytest plugin of the conformance kit (registered under the pytest11 entry point)."""
