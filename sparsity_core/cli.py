@@ -1,0 +1,229 @@
+"""The ``sparsity`` command: ``plugins``, ``list``, ``show NAME`` (each with ``--json``), ``new-plugin``.
+
+It never imports torch to list or show: the registry, specs and base classes are torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from ._errors import AmbiguousNameError, PluginLoadError, UnknownNameError
+from ._registry import Implementation, Kind, get_registry
+
+KINDS: tuple[Kind, ...] = ("sparsifier", "scheduler")
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(soft_wrap=False)
+
+
+def _table(title: str, columns: Sequence[str]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_lines=False)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    return table
+
+
+def _summary(cls: type) -> str:
+    doc = inspect.getdoc(cls) or ""
+    return doc.splitlines()[0] if doc else ""
+
+
+def _field_rows(spec: type[BaseModel]) -> list[dict[str, Any]]:
+    rows = []
+    for name, field in spec.model_fields.items():
+        if field.default_factory is not None:
+            default: Any = field.default_factory()  # type: ignore[call-arg]
+        elif field.default is PydanticUndefined:
+            default = "(required)"
+        else:
+            default = field.default
+        annotation = field.annotation
+        # list[str] passes isinstance(..., type); only a plain class prints as its bare name
+        type_name = annotation.__name__ if type(annotation) is type else str(annotation).replace("typing.", "")
+        rows.append(
+            {
+                "name": name,
+                "type": type_name,
+                "default": default,
+                "required": field.is_required(),
+                "description": field.description or "",
+            }
+        )
+    return rows
+
+
+def _describe(impl: Implementation) -> dict[str, Any]:
+    plugin = impl.plugin
+    return {
+        "kind": impl.kind,
+        "name": impl.name,
+        "qualified_name": impl.qualified_name,
+        "plugin": plugin.name,
+        "distribution": plugin.distribution,
+        "version": plugin.version,
+        "class": f"{impl.cls.__module__}.{impl.cls.__qualname__}",
+        "summary": _summary(impl.cls),
+        "doc": inspect.getdoc(impl.cls) or "",
+        "needs_calibration": bool(getattr(impl.cls, "needs_calibration", False)),
+        "fields": _field_rows(impl.cls.Spec),
+        "schema": impl.cls.Spec.model_json_schema(),
+    }
+
+
+# -- commands ----------------------------------------------------------------------------------
+def cmd_plugins(args: argparse.Namespace) -> int:
+    plugins = get_registry().plugins()
+    if args.json:
+        print(json.dumps([p.to_dict() for p in plugins], indent=2))
+        return 0
+    table = _table("Sparsity plugins", ["plugin", "distribution", "version", "status", "provides", "error"])
+    for p in plugins:
+        status = {"loaded": "[green]loaded[/]", "disabled": "[yellow]disabled[/]"}.get(p.status, f"[red]{p.status}[/]")
+        table.add_row(p.name, p.distribution or "-", p.version or "-", status, ", ".join(p.provides), p.error or "")
+    _console().print(table)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    registry = get_registry()
+    kinds = [args.kind] if args.kind else list(KINDS)
+    rows = []
+    for kind in kinds:
+        names = set(registry.names(kind))
+        for impl in registry.implementations(kind):
+            shown = impl.name if impl.name in names else impl.qualified_name
+            rows.append(
+                {
+                    "kind": kind,
+                    "name": shown,
+                    "qualified_name": impl.qualified_name,
+                    "plugin": impl.plugin.name,
+                    "distribution": impl.plugin.distribution,
+                    "summary": _summary(impl.cls),
+                }
+            )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = _table("Sparsifiers and schedulers", ["kind", "name", "plugin", "summary"])
+    for r in rows:
+        table.add_row(r["kind"], r["name"], r["plugin"], r["summary"])
+    _console().print(table)
+    return 0
+
+
+def _find(name: str, kind: Kind | None) -> Implementation:
+    registry = get_registry()
+    if kind is not None:
+        return registry.get(kind, name)
+    found: list[Implementation] = []
+    errors: list[LookupError] = []
+    for k in KINDS:
+        try:
+            found.append(registry.get(k, name))
+        except UnknownNameError as exc:
+            errors.append(exc)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise AmbiguousNameError(
+            f"{name!r} names both a sparsifier and a scheduler; add --kind sparsifier or --kind scheduler",
+            name=name,
+            kind="sparsifier",
+            candidates=[f.qualified_name for f in found],
+        )
+    raise errors[0]
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    info = _describe(_find(args.name, args.kind))
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    from rich.panel import Panel
+    from rich.syntax import Syntax
+
+    console = _console()
+    dist = f"{info['distribution']} {info['version']}" if info["distribution"] else "no distribution"
+    console.print(
+        Panel(
+            f"{info['doc'] or '(no docstring)'}\n\n"
+            f"[bold]provided by[/] plugin {info['plugin']} ({dist}) as [bold]{info['qualified_name']}[/]\n"
+            f"[bold]class[/] {info['class']}"
+            + ("\n[bold]needs calibration[/]: yes" if info["needs_calibration"] else ""),
+            title=f"{info['kind']} {info['name']}",
+            title_align="left",
+        )
+    )
+    table = _table("Arguments", ["field", "type", "default", "description"])
+    for f in info["fields"]:
+        table.add_row(f["name"], f["type"], repr(f["default"]), f["description"])
+    console.print(table)
+    console.print("JSON schema:")
+    console.print(Syntax(json.dumps(info["schema"], indent=2), "json", theme="ansi_dark", background_color="default"))
+    return 0
+
+
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from ._scaffold import new_plugin
+
+    path = new_plugin(args.name, Path(args.dir), force=args.force)
+    print(f"Wrote plugin {args.name!r} to {path}")
+    print(f"Next: pip install -e {path} && pytest {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparsity", description="Sparsifiers and sparsity schedulers, as plugins, for PyTorch and Lightning."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("plugins", help="what was discovered: plugin, distribution, version, status, names, error")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("list", help="every sparsifier and scheduler, with its plugin and summary")
+    p.add_argument("--kind", choices=KINDS, help="only this kind")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", help="one implementation: docstring, provider, arguments, JSON schema")
+    p.add_argument("name", help="short name (e.g. magnitude) or qualified name (e.g. builtin:magnitude)")
+    p.add_argument("--kind", choices=KINDS, help="when a name is both a sparsifier and a scheduler")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("new-plugin", help="write a new plugin distribution from the template")
+    p.add_argument("name", help="plugin name, e.g. 'my-pruner' (distribution sparsity-plugin-my-pruner)")
+    p.add_argument("--dir", default=".", help="folder to create the plugin in (default: current folder)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing folder")
+    p.set_defaults(func=cmd_new_plugin)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (UnknownNameError, AmbiguousNameError, PluginLoadError, FileExistsError, ValueError) as exc:
+        print(f"sparsity {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
