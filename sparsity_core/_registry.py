@@ -218,6 +218,7 @@ class Registry:
                 return
             stage = "register"
             self.pm.register(obj, name=name)
+            self._check_hooks(name)
             staged = self._collect(name, obj)
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the others down
             if obj is not None and self.pm.is_registered(obj):
@@ -230,6 +231,19 @@ class Registry:
         for impl in staged:
             self._impls[impl.kind][impl.qualified_name] = impl
             (info.sparsifiers if impl.kind == "sparsifier" else info.schedulers).append(impl.name)
+
+    def _check_hooks(self, name: str) -> None:
+        """pluggy accepts hook implementations nobody specified; a misspelt hook would then
+        register nothing, silently. Refuse it and say which hooks exist."""
+        for hook_name, caller in vars(self.pm.hook).items():
+            if caller.has_spec():
+                continue
+            if any(impl.plugin_name == name and not impl.optionalhook for impl in caller.get_hookimpls()):
+                close = difflib.get_close_matches(hook_name, list(_HOOKS.values()), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"unknown hook {hook_name!r}{hint} The hooks are: {', '.join(_HOOKS.values())}"
+                )
 
     def _collect(self, name: str, obj: object) -> list[Implementation]:
         """Call the plugin's own hook implementations; all of its registrations or none."""
