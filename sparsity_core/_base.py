@@ -7,6 +7,7 @@ CLI, ``list_sparsifiers()``) stays fast; the tensor work lives in :mod:`sparsity
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
@@ -39,6 +40,22 @@ def _titled_spec(cls: type, spec: type[BaseModel]) -> type[BaseModel]:
     )
 
 
+class _SpecSlot:
+    """The class attribute ``Spec`` of a named implementation, titled on first access.
+
+    Building a pydantic model costs about a millisecond; discovery of many plugins should not
+    pay it for classes nobody uses. The first access replaces this slot with the built model.
+    """
+
+    def __init__(self, raw: type[BaseModel]) -> None:
+        self.raw = raw
+
+    def __get__(self, obj: object, owner: type) -> type[BaseModel]:
+        titled = _titled_spec(owner, self.raw)
+        type.__setattr__(owner, "Spec", titled)
+        return titled
+
+
 def _validate_spec(cls: Any, spec: BaseModel | Mapping[str, Any] | None, fields: dict[str, Any]) -> Any:
     if spec is None:
         data: dict[str, Any] = {}
@@ -63,7 +80,8 @@ class _Implementation(ABC):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__ and cls.name:
-            cls.Spec = _titled_spec(cls, cls.Spec)
+            raw = inspect.getattr_static(cls, "Spec")
+            cls.Spec = _SpecSlot(raw.raw if isinstance(raw, _SpecSlot) else raw)  # type: ignore[assignment]
 
     def __init__(self, spec: BaseModel | Mapping[str, Any] | None = None, /, **fields: Any) -> None:
         self.spec = _validate_spec(type(self), spec, fields)

@@ -354,7 +354,9 @@ def _check_class(kind: Kind, cls: Any, plugin: str) -> None:
     if inspect.isabstract(cls):
         missing = ", ".join(sorted(cls.__abstractmethods__))
         raise TypeError(f"{what}, but it does not implement: {missing}")
-    if not (isinstance(cls.Spec, type) and issubclass(cls.Spec, spec_base)):
+    spec = inspect.getattr_static(cls, "Spec", None)
+    spec = getattr(spec, "raw", spec)  # an unbuilt _SpecSlot: check the author's model, build nothing
+    if not (isinstance(spec, type) and issubclass(spec, spec_base)):
         raise TypeError(f"{what}, but its Spec is not a subclass of sparsity_core.{spec_base.__name__}")
 
 
