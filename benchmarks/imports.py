@@ -10,6 +10,7 @@ installed as real .dist-info folders on sys.path (goal <= 0.2 s with 50). Median
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import statistics
@@ -70,6 +71,7 @@ def make_site(root: Path, n: int) -> Path:
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: sparsity-plugin-fake{i}\nVersion: 1.0\n")
         (info / "entry_points.txt").write_text(f"[sparsity_core]\nfake{i} = sparsity_plugin_fake{i}\n")
         (root / f"sparsity_plugin_fake{i}.py").write_text(textwrap.dedent(PLUGIN.format(i=i)))
+    compileall.compile_dir(root, quiet=1)  # as pip leaves an installed module: byte-compiled
     return root
 
 
@@ -98,7 +100,7 @@ def main() -> None:
     rows = [
         ("import torch (anchor)", torch_s, "", ""),
         ("import sparsity_core", core_s, f"{core_s / torch_s:.3f}x torch", "<= 0.25x: " + ("met" if core_s <= 0.25 * torch_s else "NOT met")),
-        ("first-use discovery, 0 third-party plugins", zero, "", ""),
+        ("first-use discovery, installed plugins only", zero, "", ""),
         (f"first-use discovery, {args.plugins} plugins", many, f"{many / max(zero, 1e-9):.1f}x the empty case",
          "<= 0.2 s: " + ("met" if many <= 0.2 else "NOT met")),
     ]
