@@ -168,6 +168,11 @@ class ScoreSparsifier(Sparsifier):
     Spec: ClassVar[type[ScoreSpec]] = ScoreSpec
     spec: ScoreSpec
 
+    #: Set to True when ``score`` treats each element on its own (``|w|``, not a per-row norm):
+    #: the core may then score any piece or sample of a tensor, which keeps large selections
+    #: near one memory pass and never holds a whole tensor's scores.
+    elementwise: ClassVar[bool] = False
+
     @abstractmethod
     def score(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Importance of each element of ``tensor`` (same shape; higher = more important)."""

@@ -1,56 +1,617 @@
-"""Mask selection for score-based sparsifiers (first version: unstructured, layer and global)."""
+"""Mask selection for every ``ScoreSparsifier``: each pattern and scope, written once.
+
+Vocabulary
+- A *unit* is what is kept or pruned as a whole: an element (``unstructured``) or an aligned block
+  (``"HxW"`` over the 2-D view). ``N:M`` is a rule inside each group of M and has its own path.
+- The *2-D view* of a tensor: a 0-D or 1-D tensor is ``1 x n``; anything else is
+  ``shape[0] x (product of the rest)`` (a conv weight is ``out x (in*kh*kw)``).
+
+How a selection stays near one pass over the weights
+- Scores are produced in float32 pieces of :data:`CHUNK` elements; when the sparsifier declares
+  ``elementwise = True`` a piece is scored on its own, so the scores of a whole tensor (let alone a
+  model) never exist at once. Other sparsifiers are scored one tensor at a time.
+- A small selection (at most :data:`EXACT` units) is done exactly with ``kthvalue``.
+- A large one samples :data:`SAMPLE` unit scores (a fixed generator, so results are
+  deterministic), brackets the threshold ``[lo, hi)`` at ``Z`` standard errors of the sampled
+  quantile, and makes *one* pass: units scoring ``>= hi`` are kept, those in the bracket are kept
+  aside (index and score, typically under 1 % of the units), and a ``kthvalue`` among them fixes
+  the exact cut. If the bracket misses (odds well under one in a million) or holds too many units
+  (massive ties), the exact path runs instead.
+- Ties are broken by position: among equal scores, the earlier unit (tensor order, then flat
+  index) is pruned first. A target is met exactly: ``round(level * n)`` units for equal-sized
+  units; for ragged blocks, the prefix whose element count is closest to the target.
+- On CPU the elementwise kernels run through NumPy views of the torch tensors (zero copy): its
+  comparisons, counts and ``flatnonzero`` are many times faster than torch's for bool outputs.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Final
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from ._base import ScoreSparsifier
+    from ._base import ScoreSparsifier, Sparsifier
+
+#: Elements scored at a time: large enough to amortise per-call overhead, small enough for cache.
+CHUNK: Final = 1 << 18
+#: Selections over at most this many units are done exactly in one go.
+EXACT: Final = 1 << 18
+#: Units sampled to bracket the threshold of a larger selection.
+SAMPLE: Final = 1 << 18
+#: Half-width of the bracket, in standard errors of the sampled quantile.
+Z: Final = 5.0
+
+Tensor = torch.Tensor
 
 
-def _check_finite(name: str, score: torch.Tensor) -> None:
-    if not bool(torch.isfinite(score).all()):
-        raise ValueError(f"tensor {name!r} has NaN or inf importance scores; cannot choose a mask")
+# -- small kernels (NumPy on CPU, torch elsewhere) ----------------------------------------------
+def _np(t: Tensor) -> np.ndarray:
+    return t.numpy()
 
 
-def _keep_top(score: torch.Tensor, n_prune: int) -> torch.Tensor:
-    flat = score.reshape(-1)
-    mask = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-    if n_prune > 0:
-        idx = torch.topk(flat, n_prune, largest=False, sorted=False).indices
-        mask[idx] = False
-    return mask.view(score.shape)
+def _all_finite(s: Tensor) -> bool:
+    if s.is_cpu:
+        return bool(np.isfinite(_np(s)).all())
+    return bool(torch.isfinite(s).all())
 
 
+def _ge_into(s: Tensor, value: float, out: Tensor) -> None:
+    if s.is_cpu:
+        np.greater_equal(_np(s), value, out=_np(out))
+    else:
+        torch.ge(s, value, out=out)
+
+
+def _count(b: Tensor) -> int:
+    return int(np.count_nonzero(_np(b))) if b.is_cpu else int(b.sum())
+
+
+def _in_bracket(s: Tensor, kept: Tensor, lo: float) -> Tensor:
+    """Flat indices of ``lo <= s`` among the units not already ``kept`` (``kept`` is ``s >= hi``)."""
+    if s.is_cpu:
+        band = np.greater_equal(_np(s), lo)
+        np.logical_xor(band, _np(kept), out=band)
+        return torch.from_numpy(np.flatnonzero(band))
+    return torch.nonzero((s >= lo) ^ kept).view(-1)
+
+
+def view2d(t: Tensor) -> Tensor:
+    """The 2-D view described in the module docstring (a view when ``t`` is contiguous)."""
+    if t.dim() <= 1:
+        return t.reshape(1, -1)
+    return t.reshape(t.shape[0], -1)
+
+
+def _keep_above_kth(values: Tensor, n_prune: int) -> Tensor:
+    """Keep mask over 1-D ``values``: prune the ``n_prune`` lowest, earlier positions first on ties."""
+    n = values.numel()
+    if n_prune <= 0:
+        return torch.ones(n, dtype=torch.bool, device=values.device)
+    if n_prune >= n:
+        return torch.zeros(n, dtype=torch.bool, device=values.device)
+    thr = float(torch.kthvalue(values, n_prune).values)
+    keep = values > thr
+    ties = torch.nonzero(values == thr).view(-1)
+    below = n - _count(keep) - ties.numel()
+    keep[ties[n_prune - below :]] = True
+    return keep
+
+
+def rank_keep(x: Tensor, n_prune: int, out: Tensor) -> None:
+    """Within each row of ``x`` (G x K scores) keep all but the ``n_prune`` lowest (ties: the
+    earlier column is pruned first); writes the bool result into ``out`` (G x K, may be strided)."""
+    g, k = x.shape
+    if n_prune <= 0 or k == 0:
+        out.fill_(True)
+        return
+    if n_prune >= k:
+        out.fill_(False)
+        return
+    if k > 8:  # the pairwise rank costs O(K) per element; sort wins for wide groups
+        order = torch.argsort(x, dim=1, stable=True)
+        keep = torch.ones(g, k, dtype=torch.bool, device=x.device)
+        keep.scatter_(1, order[:, :n_prune], False)
+        out.copy_(keep)
+        return
+    # rank_i = #{j: x_j < x_i} + #{j < i: x_j == x_i}; prune rank < n_prune. Column by column, so
+    # every operation is one contiguous vector of G.
+    if x.is_cpu:
+        xn = _np(x)
+        cols = [np.ascontiguousarray(xn[:, i]) for i in range(k)]
+        ranks = [np.full(g, i, np.uint8) for i in range(k)]
+        less = np.empty(g, dtype=bool)
+        for i in range(k):
+            for j in range(i + 1, k):
+                np.less(cols[j], cols[i], out=less)
+                lu = less.view(np.uint8)
+                ranks[i] += lu
+                ranks[j] -= lu
+        on = _np(out)
+        for i in range(k):
+            np.greater_equal(ranks[i], n_prune, out=on[:, i])
+        return
+    tcols = [x[:, i].contiguous() for i in range(k)]
+    tranks = [torch.full((g,), i, dtype=torch.uint8, device=x.device) for i in range(k)]
+    for i in range(k):
+        for j in range(i + 1, k):
+            lt = (tcols[j] < tcols[i]).to(torch.uint8)
+            tranks[i] += lt
+            tranks[j] -= lt
+    for i in range(k):
+        out[:, i] = tranks[i] >= n_prune
+
+
+# -- scores ------------------------------------------------------------------------------------
+class Scorer:
+    """Float32 importance of one tensor, whole or in pieces, checked for NaN/inf."""
+
+    __slots__ = ("_flat", "_full", "elementwise", "name", "sparsifier", "tensor")
+
+    def __init__(self, sparsifier: ScoreSparsifier, name: str, tensor: Tensor) -> None:
+        self.sparsifier = sparsifier
+        self.name = name
+        self.tensor = tensor.detach()
+        self.elementwise = bool(getattr(sparsifier, "elementwise", False))
+        self._full: Tensor | None = None
+        self._flat: Tensor | None = None
+
+    def _score(self, x: Tensor) -> Tensor:
+        s = self.sparsifier.score(self.name, x)
+        if not isinstance(s, torch.Tensor) or s.shape != x.shape:
+            got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(
+                f"sparsifier {self.sparsifier.name!r}: score({self.name!r}, tensor) must return a "
+                f"tensor shaped like its input {tuple(x.shape)}, got {got}"
+            )
+        s = s.detach().to(torch.float32)
+        if not _all_finite(s):
+            raise ValueError(
+                f"tensor {self.name!r} has NaN or inf values (or importance scores): cannot choose "
+                f"a mask for it; check the weights (sparsifier {self.sparsifier.name!r})"
+            )
+        return s
+
+    @property
+    def flat(self) -> Tensor:
+        if self._flat is None:
+            self._flat = self.tensor.reshape(-1)
+        return self._flat
+
+    def full(self) -> Tensor:
+        """The whole score tensor (kept until :meth:`release`)."""
+        if self._full is None:
+            self._full = self._score(self.tensor).contiguous()
+        return self._full
+
+    def piece(self, start: int, end: int) -> Tensor:
+        if self.elementwise:
+            return self._score(self.flat[start:end])
+        return self.full().view(-1)[start:end]
+
+    def rows(self, r0: int, r1: int) -> Tensor:
+        """Scores of rows ``r0:r1`` of the 2-D view."""
+        if self.elementwise:
+            return self._score(view2d(self.tensor)[r0:r1])
+        return view2d(self.full())[r0:r1]
+
+    def at(self, index: Tensor) -> Tensor:
+        if self.elementwise:
+            return self._score(self.flat[index.to(self.flat.device)]).cpu()
+        return self.full().view(-1)[index.to(self._full.device)].cpu()  # type: ignore[union-attr]
+
+    def release(self) -> None:
+        self._full = None
+
+
+# -- units -------------------------------------------------------------------------------------
+class _Units:
+    """What is kept or pruned as a whole in one tensor, and a flat bool keep mask over them."""
+
+    n: int
+    size: int  # elements per unit when all are equal, else 0 (see sizes())
+    mask: Tensor
+
+    def pieces(self) -> Iterator[tuple[int, Tensor]]:
+        raise NotImplementedError
+
+    def at(self, index: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sizes(self, start: int, end: int) -> Tensor:
+        raise NotImplementedError
+
+    def element_mask(self) -> Tensor:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        pass
+
+
+class _Elements(_Units):
+    def __init__(self, scorer: Scorer) -> None:
+        self.scorer = scorer
+        self.n = scorer.tensor.numel()
+        self.size = 1
+        self.mask = torch.empty(self.n, dtype=torch.bool, device=scorer.tensor.device)
+
+    def pieces(self) -> Iterator[tuple[int, Tensor]]:
+        for start in range(0, self.n, CHUNK):
+            yield start, self.scorer.piece(start, min(self.n, start + CHUNK))
+
+    def at(self, index: Tensor) -> Tensor:
+        return self.scorer.at(index)
+
+    def element_mask(self) -> Tensor:
+        return self.mask.view(self.scorer.tensor.shape)
+
+    def release(self) -> None:
+        self.scorer.release()
+
+
+class _Blocks(_Units):
+    """Aligned ``h x w`` blocks of the 2-D view, scored by the mean score of their elements
+    (ragged edge blocks: the mean over the elements they have)."""
+
+    def __init__(self, scorer: Scorer, h: int, w: int) -> None:
+        self.scorer = scorer
+        self.h, self.w = h, w
+        self.rows, self.cols = view2d(scorer.tensor).shape
+        self.rb, self.cb = -(-self.rows // h), -(-self.cols // w)
+        self.n = self.rb * self.cb
+        ragged = self.rows % h or self.cols % w
+        self.size = 0 if ragged else h * w
+        self.mask = torch.empty(self.n, dtype=torch.bool, device=scorer.tensor.device)
+        self._means: Tensor | None = None
+        self._sizes: Tensor | None = None
+
+    def means(self) -> Tensor:
+        if self._means is None:
+            self._means = block_means(self.scorer, self.h, self.w).view(-1)
+        return self._means
+
+    def pieces(self) -> Iterator[tuple[int, Tensor]]:
+        means = self.means()
+        for start in range(0, self.n, CHUNK):
+            yield start, means[start : start + CHUNK]
+
+    def at(self, index: Tensor) -> Tensor:
+        return self.means()[index.to(self.means().device)].cpu()
+
+    def sizes(self, start: int, end: int) -> Tensor:
+        if self._sizes is None:
+            dev = self.mask.device
+            rs = torch.full((self.rb,), self.h, dtype=torch.int64, device=dev)
+            rs[-1] = self.rows - (self.rb - 1) * self.h
+            cs = torch.full((self.cb,), self.w, dtype=torch.int64, device=dev)
+            cs[-1] = self.cols - (self.cb - 1) * self.w
+            self._sizes = (rs[:, None] * cs[None, :]).view(-1)
+        return self._sizes[start:end]
+
+    def element_mask(self) -> Tensor:
+        return expand_blocks(self.mask.view(self.rb, self.cb), self.h, self.w, self.rows, self.cols).view(
+            self.scorer.tensor.shape
+        )
+
+    def release(self) -> None:
+        self._means = None
+        self.scorer.release()
+
+
+def block_means(scorer: Scorer, h: int, w: int) -> Tensor:
+    """Mean score of each aligned ``h x w`` block of the 2-D view (rb x cb), computed band by band."""
+    rows, cols = view2d(scorer.tensor).shape
+    band = h * max(1, CHUNK // max(1, h * cols))
+    parts = []
+    for r0 in range(0, rows, band):
+        s = scorer.rows(r0, min(rows, r0 + band))
+        # ceil_mode without padding averages a ragged edge window over the elements it has
+        parts.append(F.avg_pool2d(s[None, None], (h, w), stride=(h, w), ceil_mode=True)[0, 0])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def expand_blocks(keep: Tensor, h: int, w: int, rows: int, cols: int) -> Tensor:
+    """A (rows x cols) element mask from a per-block mask (rb x cb)."""
+    dev = keep.device
+    by_row = keep.index_select(0, torch.arange(rows, device=dev) // h)
+    return by_row.index_select(1, torch.arange(cols, device=dev) // w)
+
+
+# -- selection ---------------------------------------------------------------------------------
+def select(units: Sequence[_Units], target: float) -> None:
+    """Prune the lowest-scoring units over ``units`` (in order) so that about ``target`` elements
+    are pruned (exactly ``round(target / size)`` units when all units have one size); writes each
+    ``units[i].mask``."""
+    total = sum(u.n for u in units)
+    sizes = {u.size for u in units}
+    size = sizes.pop() if len(sizes) == 1 else 0
+    if size:
+        k = min(max(round(target / size), 0), total)
+        if k == 0 or k == total:
+            for u in units:
+                u.mask.fill_(k == 0)
+            return
+    if total <= EXACT or not _select_bracketed(units, target, size):
+        _select_exact(units, target, size)
+    for u in units:
+        u.release()
+
+
+def _select_exact(units: Sequence[_Units], target: float, size: int) -> None:
+    scores = torch.cat([s.to(units[0].mask.device) for u in units for _, s in u.pieces()])
+    if size:
+        keep = _keep_above_kth(scores, min(max(round(target / size), 0), scores.numel()))
+    else:
+        weights = torch.cat([u.sizes(0, u.n) if not u.size else torch.full((u.n,), u.size) for u in units])
+        order = torch.argsort(scores, stable=True)
+        cum = torch.cat([weights.new_zeros(1), torch.cumsum(weights[order], 0)])
+        n_prune = int(torch.argmin((cum.double() - target).abs()))
+        keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+        keep[order[:n_prune]] = False
+    offset = 0
+    for u in units:
+        u.mask.copy_(keep[offset : offset + u.n])
+        offset += u.n
+
+
+def _select_bracketed(units: Sequence[_Units], target: float, size: int) -> bool:
+    """The sampled-bracket selection; returns False (nothing decided) when the bracket misses."""
+    total = sum(u.n for u in units)
+    gen = torch.Generator().manual_seed(0)
+    index = torch.randint(total, (SAMPLE,), generator=gen).sort().values
+    bounds = torch.tensor([0] + [u.n for u in units]).cumsum(0)
+    parts = []
+    for i, u in enumerate(units):
+        lo_i, hi_i = torch.searchsorted(index, bounds[i : i + 2]).tolist()
+        if hi_i > lo_i:
+            parts.append(u.at(index[lo_i:hi_i] - bounds[i]))
+        if len(units) > 1:
+            u.release()
+    sample = torch.cat(parts)
+    n_sample = sample.numel()
+    if size:
+        q = min(max(round(target / size), 0), total) / total
+    else:
+        q = target / sum(int(u.sizes(0, u.n).sum()) if not u.size else u.n * u.size for u in units)
+    spread = Z * math.sqrt(n_sample * q * (1 - q))
+    lo_rank, hi_rank = math.floor(q * n_sample - spread) - 1, math.ceil(q * n_sample + spread) + 1
+    lo = float(torch.kthvalue(sample, lo_rank + 1).values) if lo_rank >= 0 else -math.inf
+    hi = float(torch.kthvalue(sample, hi_rank + 1).values) if hi_rank < n_sample else math.inf
+    cap = max(1 << 16, 4 * (hi_rank - lo_rank) * total // n_sample)
+
+    below = 0.0  # elements (or units, when uniform) certainly pruned: score < lo
+    cand_unit: list[int] = []
+    cand_pos: list[Tensor] = []
+    cand_val: list[Tensor] = []
+    cand_size: list[Tensor] = []
+    n_cand = 0
+    for i, u in enumerate(units):
+        for start, s in u.pieces():
+            m = u.mask[start : start + s.numel()]
+            _ge_into(s, hi, m)
+            pos = _in_bracket(s, m, lo)
+            n_cand += pos.numel()
+            if n_cand > cap:
+                return False
+            if size:
+                below += s.numel() - _count(m) - pos.numel()
+            else:
+                w = u.sizes(start, start + s.numel())
+                below += float(w.sum() - w[m].sum() - w[pos].sum())
+                cand_size.append(w[pos].cpu())
+            if pos.numel():
+                cand_unit.append(i)
+                cand_pos.append(pos + start)
+                cand_val.append(s[pos.to(s.device)].cpu())
+        if len(units) > 1:
+            u.release()
+    values = torch.cat(cand_val) if cand_val else torch.empty(0)
+    if size:
+        k = min(max(round(target / size), 0), total)
+        if not below <= k <= below + values.numel():
+            return False
+        keep = _keep_above_kth(values, int(k - below))
+    else:
+        weights = torch.cat(cand_size) if cand_size else torch.empty(0, dtype=torch.int64)
+        if not below <= target <= below + float(weights.sum()):
+            return False
+        order = torch.argsort(values, stable=True)
+        cum = below + torch.cat([weights.new_zeros(1), torch.cumsum(weights[order], 0)]).double()
+        n_prune = int(torch.argmin((cum - target).abs()))
+        keep = torch.ones(values.numel(), dtype=torch.bool)
+        keep[order[:n_prune]] = False
+    offset = 0
+    for i, pos in zip(cand_unit, cand_pos):
+        part = keep[offset : offset + pos.numel()]
+        offset += pos.numel()
+        units[i].mask[pos[part].to(units[i].mask.device)] = True
+    return True
+
+
+# -- N:M ---------------------------------------------------------------------------------------
+def nm_mask(scorer: Scorer, n: int, m: int, level: float) -> Tensor:
+    """Keep ``n`` of every ``m`` consecutive weights along the last dim of the 2-D view.
+
+    At an intermediate ``level`` (gradual N:M) ``round(level * m)`` of each group are pruned, at
+    most ``m - n``. A ragged tail of ``g < m`` columns prunes as many, at most ``g - n``.
+    """
+    tensor = scorer.tensor
+    rows, cols = view2d(tensor).shape
+    prune = min(round(level * m), m - n)
+    mask = torch.empty(rows, cols, dtype=torch.bool, device=tensor.device)
+    if prune <= 0:
+        return mask.fill_(True).view(tensor.shape)
+    full = cols // m * m
+    tail_prune = min(prune, max(cols - full - n, 0))
+    band = max(1, CHUNK // max(1, cols))
+    for r0 in range(0, rows, band):
+        r1 = min(rows, r0 + band)
+        s = scorer.rows(r0, r1)
+        if full:
+            out = mask[r0:r1, :full]
+            groups = s[:, :full].reshape(-1, m)
+            if out.is_contiguous():
+                rank_keep(groups, prune, out.view(-1, m))
+            else:
+                tmp = torch.empty(groups.shape, dtype=torch.bool, device=mask.device)
+                rank_keep(groups, prune, tmp)
+                out.copy_(tmp.view(r1 - r0, full))
+        if full < cols:
+            tail = torch.empty(r1 - r0, cols - full, dtype=torch.bool, device=mask.device)
+            rank_keep(s[:, full:].contiguous(), tail_prune, tail)
+            mask[r0:r1, full:] = tail
+    scorer.release()
+    return mask.view(tensor.shape)
+
+
+# -- entry point -------------------------------------------------------------------------------
 def score_masks(
-    sparsifier: ScoreSparsifier, tensors: Mapping[str, torch.Tensor], levels: Mapping[str, float]
-) -> dict[str, torch.Tensor]:
-    masks: dict[str, torch.Tensor] = {}
-    global_names: list[str] = []
-    for name, tensor in tensors.items():
-        spec = sparsifier.spec_for(name)
-        if spec.parsed_pattern.kind != "unstructured":
-            raise NotImplementedError(f"pattern {spec.pattern!r} is not implemented yet")
-        if spec.scope == "global":
-            global_names.append(name)
-            continue
-        with torch.no_grad():
-            score = sparsifier.score(name, tensor).float()
-        _check_finite(name, score)
-        masks[name] = _keep_top(score, round(levels[name] * score.numel()))
-    if global_names:
-        with torch.no_grad():
-            scores = {n: sparsifier.score(n, tensors[n]).float() for n in global_names}
-        for n, s in scores.items():
-            _check_finite(n, s)
-        flat = torch.cat([s.reshape(-1) for s in scores.values()])
-        total = sum(levels[n] * s.numel() for n, s in scores.items())
-        keep = _keep_top(flat, round(total))
-        offset = 0
-        for n, s in scores.items():
-            masks[n] = keep[offset : offset + s.numel()].view(s.shape)
-            offset += s.numel()
+    sparsifier: ScoreSparsifier, tensors: Mapping[str, Tensor], levels: Mapping[str, float]
+) -> dict[str, Tensor]:
+    """Bool keep masks for a ``ScoreSparsifier``: names are grouped by their resolved spec
+    (overrides may change level, pattern and scope per name); ``global`` groups share one
+    threshold, everything else is selected tensor by tensor."""
+    masks: dict[str, Tensor] = {}
+    groups: dict[int, list[str]] = {}
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            spec = sparsifier.spec_for(name)
+            pattern = spec.parsed_pattern  # type: ignore[attr-defined]
+            level = _check_level(name, levels[name])
+            scorer = Scorer(sparsifier, name, tensor)
+            if pattern.kind == "n:m":
+                masks[name] = nm_mask(scorer, pattern.a, pattern.b, level)
+            elif spec.scope == "global":  # type: ignore[attr-defined]
+                groups.setdefault(id(spec), []).append(name)
+            else:
+                units = _units(scorer, pattern)
+                select([units], level * tensor.numel())
+                masks[name] = units.element_mask()
+        for names in groups.values():
+            group = [_units(Scorer(sparsifier, n, tensors[n]), sparsifier.spec_for(n).parsed_pattern) for n in names]  # type: ignore[attr-defined]
+            select(group, sum(levels[n] * tensors[n].numel() for n in names))
+            for n, units in zip(names, group):
+                masks[n] = units.element_mask()
     return {n: masks[n] for n in tensors}
+
+
+def _units(scorer: Scorer, pattern: object) -> _Units:
+    kind, a, b = pattern  # type: ignore[misc]
+    if kind == "block" and (a, b) != (1, 1):
+        return _Blocks(scorer, a, b)
+    return _Elements(scorer)
+
+
+def _check_level(name: str, level: float) -> float:
+    level = float(level)
+    if not 0.0 <= level <= 1.0:
+        raise ValueError(f"level for {name!r} must be in [0, 1], got {level}")
+    return level
+
+
+def check_masks(sparsifier: Sparsifier, tensors: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Masks as bool, one per tensor and shaped like it (what a plugin's compute_masks returned)."""
+    missing = set(tensors) - set(masks)
+    if missing:
+        raise ValueError(f"sparsifier {sparsifier.name!r} returned no mask for {sorted(missing)}")
+    out = {}
+    for name, tensor in tensors.items():
+        mask = masks[name]
+        if not isinstance(mask, torch.Tensor) or mask.shape != tensor.shape:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(
+                f"sparsifier {sparsifier.name!r} returned a mask for {name!r} shaped {got}; "
+                f"the tensor is {tuple(tensor.shape)}"
+            )
+        out[name] = mask.to(device=tensor.device, dtype=torch.bool)
+    return out
+
+
+# -- data_norm (the seed's DataNormSparsifier) -------------------------------------------------
+class _Given(_Units):
+    """Units whose scores are already computed (1-D), each one element of weight."""
+
+    def __init__(self, scores: Tensor) -> None:
+        self.scores = scores
+        self.n = scores.numel()
+        self.size = 1
+        self.mask = torch.empty(self.n, dtype=torch.bool, device=scores.device)
+
+    def pieces(self) -> Iterator[tuple[int, Tensor]]:
+        for start in range(0, self.n, CHUNK):
+            yield start, self.scores[start : start + CHUNK]
+
+    def at(self, index: Tensor) -> Tensor:
+        return self.scores[index.to(self.scores.device)].cpu()
+
+
+def data_norm_view(tensor: Tensor) -> Tensor:
+    """torch.ao's 2-D view: squeeze; 0-D/1-D -> 1 x n; beyond 2-D (where torch.ao raises) the
+    usual out x rest view."""
+    squeezed = tensor.squeeze()
+    if squeezed.dim() <= 1:
+        return tensor.reshape(1, -1)
+    if squeezed.dim() == 2:
+        return squeezed
+    return view2d(tensor)
+
+
+def data_norm_mask(
+    name: str, tensor: Tensor, level: float, block: tuple[int, int], zeros_per_block: int, norm: str
+) -> Tensor:
+    """The seed's ``DataNormSparsifier.update_mask``, vectorised and band by band: prune the
+    ``round(level * blocks)`` blocks of lowest mean norm (|x| or x*x), and inside each of them the
+    ``zeros_per_block`` elements of lowest norm (a ragged block: at most all it has)."""
+    x2 = data_norm_view(tensor.detach())
+    rows, cols = x2.shape
+    h, w = block
+    per_block = h * w
+    band = h * max(1, CHUNK // max(1, h * cols))
+
+    def norms(r0: int, r1: int) -> Tensor:
+        x = x2[r0:r1].to(torch.float32)
+        n = x.abs() if norm == "L1" else x * x
+        if not _all_finite(n):
+            raise ValueError(f"tensor {name!r} has NaN or inf values: cannot choose a data_norm mask for it")
+        return n
+
+    with torch.no_grad():
+        means = torch.cat(
+            [
+                F.avg_pool2d(norms(r0, min(rows, r0 + band))[None, None], block, stride=block, ceil_mode=True)[0, 0]
+                for r0 in range(0, rows, band)
+            ]
+        )
+        rb, cb = means.shape
+        units = _Given(means.view(-1))
+        select([units], level * units.n)
+        kept_blocks = units.mask.view(rb, cb)
+        del means, units
+        if zeros_per_block >= per_block:
+            return expand_blocks(kept_blocks, h, w, rows, cols).view(tensor.shape)
+        mask = torch.empty(rows, cols, dtype=torch.bool, device=tensor.device)
+        if zeros_per_block <= 0:
+            return mask.fill_(True).view(tensor.shape)
+        for r0 in range(0, rows, band):
+            r1 = min(rows, r0 + band)
+            n = norms(r0, r1)
+            nb = -(-(r1 - r0) // h)
+            if (r1 - r0) % h or cols % w:  # ragged: pad with +inf, which ranks after every norm
+                padded = torch.full((nb * h, cb * w), math.inf, device=n.device)
+                padded[: r1 - r0, :cols] = n
+                n = padded
+            groups = n.view(nb, h, cb, w).permute(0, 2, 1, 3).reshape(nb * cb, per_block)
+            inside = torch.empty(nb * cb, per_block, dtype=torch.bool, device=mask.device)
+            rank_keep(groups, zeros_per_block, inside)
+            blocks = kept_blocks[r0 // h : r0 // h + nb]
+            if inside.is_cpu:
+                np.logical_or(_np(inside), _np(blocks.reshape(-1, 1)), out=_np(inside))
+            else:
+                inside |= blocks.reshape(-1, 1)
+            full = inside.view(nb, cb, h, w).permute(0, 2, 1, 3).reshape(nb * h, cb * w)
+            mask[r0:r1] = full[: r1 - r0, :cols]
+    return mask.view(tensor.shape)
