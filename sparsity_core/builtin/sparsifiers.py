@@ -42,8 +42,8 @@ class Random(ScoreSparsifier):
         import torch
 
         # crc32, not hash(): Python salts str hashes per process, and every DDP rank must agree.
-        seed = (self.spec.seed << 32 | zlib.crc32(name.encode())) % (1 << 63)
-        generator = torch.Generator().manual_seed(seed)
+        # (The CPU generator keeps only 32 bits of its seed, so seed and name are hashed together.)
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.spec.seed}\0{name}".encode()))
         return torch.rand(tensor.shape, generator=generator).to(tensor.device)
 
 
