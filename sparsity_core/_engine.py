@@ -382,6 +382,10 @@ def _select_bracketed(units: Sequence[_Units], target: float, size: int) -> bool
     lo = float(torch.kthvalue(sample, lo_rank + 1).values) if lo_rank >= 0 else -math.inf
     hi = float(torch.kthvalue(sample, hi_rank + 1).values) if hi_rank < n_sample else math.inf
     cap = max(1 << 16, 4 * (hi_rank - lo_rank) * total // n_sample)
+    if size:
+        at_q = float(torch.kthvalue(sample, min(max(round(q * n_sample), 1), n_sample)).values)
+        if int((sample == at_q).sum()) > 2 * spread:  # a tie mass (zeros, say) straddles the cut
+            return _select_ties(units, at_q, min(max(round(target / size), 0), total))
 
     below = 0.0  # elements (or units, when uniform) certainly pruned: score < lo
     cand_unit: list[int] = []
@@ -430,6 +434,35 @@ def _select_bracketed(units: Sequence[_Units], target: float, size: int) -> bool
         offset += pos.numel()
         units[i].mask[pos[part].to(units[i].mask.device)] = True
     return True
+
+
+def _select_ties(units: Sequence[_Units], value: float, k: int) -> bool:
+    """Select ``k`` units when a large mass of units scores exactly ``value`` at the cut: keep
+    ``> value``, prune ``< value``, and among the ties prune the first ones in order. Two passes,
+    no candidates kept. Returns False when the cut is not inside the ties."""
+    below = 0
+    for u in units:
+        for start, s in u.pieces():
+            m = u.mask[start : start + s.numel()]
+            _ge_into(s, value, m)
+            below += s.numel() - _count(m)
+            m.logical_and_(s != value) if not s.is_cpu else np.greater(_np(s), value, out=_np(m))
+        if len(units) > 1:
+            u.release()
+    remaining = k - below
+    if remaining < 0:
+        return False
+    for u in units:
+        for start, s in u.pieces():
+            ties = torch.nonzero(s == value).view(-1) if not s.is_cpu else torch.from_numpy(np.flatnonzero(_np(s) == value))
+            if remaining >= ties.numel():
+                remaining -= ties.numel()
+                continue
+            u.mask[ties[remaining:].to(u.mask.device) + start] = True
+            remaining = 0
+        if len(units) > 1:
+            u.release()
+    return remaining == 0
 
 
 # -- N:M ---------------------------------------------------------------------------------------

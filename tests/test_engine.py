@@ -202,3 +202,16 @@ def test_scores_do_not_modify_the_weights(tensors):
     before = {n: t.clone() for n, t in tensors.items()}
     masks_for({"sparsity_level": 0.6, "scope": "global", "include": ["*"]}, tensors)
     assert all(torch.equal(before[n], t) for n, t in tensors.items())
+
+
+def test_a_mass_of_ties_at_the_cut_is_resolved_in_order(monkeypatch):
+    monkeypatch.setattr(engine, "EXACT", 100)
+    w = torch.randn(50_000, generator=torch.Generator().manual_seed(4))
+    w[::2] = 0.0  # half the weights already pruned
+    for level in (0.3, 0.5, 0.7):
+        mask = masks_for({"sparsity_level": level}, {"w": w})["w"]
+        assert pruned(mask) == round(level * w.numel())
+        assert w.abs()[~mask].max() <= w.abs()[mask].min()
+    mask = masks_for({"sparsity_level": 0.3}, {"w": w})["w"]
+    zeros = torch.nonzero(w == 0).view(-1)
+    assert not mask[zeros[:15000]].any() and mask[zeros[15000:]].all()
