@@ -449,3 +449,39 @@ def test_summary_table_is_printed(caplog: pytest.LogCaptureFixture) -> None:
         trainer(callbacks=[cb], max_epochs=1).fit(BiasedMLP(), mlp_data())
     text = caplog.text
     assert "TrainingAwareSparsity: magnitude" in text and "0.weight" in text and "overall" in text
+
+
+# -- other built-in sparsifiers ---------------------------------------------------------------
+def embedding_data() -> DataLoader:
+    g = torch.Generator().manual_seed(2)
+    return loader(torch.randint(0, 40, (48, 4), generator=g), torch.randint(0, 3, (48,), generator=g))
+
+
+def test_embedding_model_with_data_norm_blocks() -> None:
+    model = EmbeddingModel()
+    cb = TrainingAwareSparsity(
+        "data_norm", {"sparsity_level": 0.5, "sparse_block_shape": (1, 4)}, "linear", {"end": 1}, verbose=False
+    )
+    post = PostTrainingSparsity("data_norm", {"sparsity_level": 0.75, "sparse_block_shape": (1, 4)}, verbose=False)
+    trainer(callbacks=[cb, post], max_epochs=2).fit(model, embedding_data())
+    embedding = model.model[0].weight
+    assert zeros(embedding) == pytest.approx(0.5, abs=0.02)
+    # whole 1x4 blocks are zero or kept (the seed's DataNormSparsifier semantics)
+    blocks = (embedding.detach().reshape(40, 4, 4) == 0).all(-1)
+    assert float(blocks.float().mean()) == pytest.approx(zeros(embedding), abs=1e-6)
+    assert post.sparsified is not None
+    assert zeros(post.sparsified[0].weight) == pytest.approx(0.75, abs=0.02)
+
+
+def test_random_sparsifier_masks_depend_on_seed_and_name_only() -> None:
+    def fit(seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(seed)  # a different initialisation each time
+        model = BiasedMLP()
+        cb = TrainingAwareSparsity("random", {"sparsity_level": 0.6, "seed": 3}, verbose=False)
+        trainer(callbacks=[cb], max_epochs=1).fit(model, mlp_data())
+        return {n: w != 0 for n, w in covered(model.model).items()}
+
+    a, b = fit(0), fit(1)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    for name, keep in a.items():
+        assert float((~keep).float().mean()) == pytest.approx(0.6, abs=0.02), name
