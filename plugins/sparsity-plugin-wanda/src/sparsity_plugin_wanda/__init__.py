@@ -19,14 +19,16 @@ core's engine as for any score (N:M groups lie within a row already, as in the p
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import Field
-from torch import nn
-from torch.nn import functional as F
 
 from sparsity_core import ScoreSparsifier, ScoreSpec, hookimpl
+
+if TYPE_CHECKING:
+    # torch is imported where it is used: discovery (`sparsity list`) must not pay for it.
+    import torch
+    from torch import nn
 
 SPARSITY_CORE_API = 1
 
@@ -67,6 +69,8 @@ class Wanda(ScoreSparsifier):
         self._synced = True
 
     def observe(self, name: str, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        import torch
+
         attr = name.rpartition(".")[2]
         weight = getattr(module, attr)
         x = inputs[0] if inputs else None
@@ -88,6 +92,8 @@ class Wanda(ScoreSparsifier):
 
     def _sync(self) -> None:
         """Sum statistics over ranks, so that every rank of a DDP run chooses the same masks."""
+        import torch
+
         self._synced = True
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
@@ -134,6 +140,8 @@ def _per_output(spec: Any) -> bool:
 
 
 def _keep_top_per_row(name: str, score: torch.Tensor, level: float) -> torch.Tensor:
+    import torch
+
     if not bool(torch.isfinite(score).all()):
         raise ValueError(f"tensor {name!r} has NaN or inf wanda scores; cannot choose a mask")
     rows = score.reshape(1, -1) if score.dim() < 2 else score.reshape(score.shape[0], -1)
@@ -147,6 +155,9 @@ def _keep_top_per_row(name: str, score: torch.Tensor, level: float) -> torch.Ten
 
 def _features(name: str, module: nn.Module, attr: str, weight: torch.Tensor, x: torch.Tensor) -> tuple[str, torch.Tensor]:
     """The rows of input features that multiply ``weight``, as (layout, [rows, features])."""
+    from torch import nn
+    from torch.nn import functional as F
+
     if isinstance(module, nn.modules.conv._ConvNd) and attr == "weight":
         if module.groups != 1 or module.transposed:
             raise TypeError(f"wanda supports convolutions with groups=1 (not transposed); {name!r} is {module}")
