@@ -27,11 +27,13 @@ def test_cubic_follows_zhu_and_gupta():
 
 
 def test_step_multiplies_every_step_size_and_never_exceeds_final():
-    s = create_scheduler("step", {"start": 1, "initial_level": 0.1, "gamma": 2.0, "step_size": 2})
+    s = create_scheduler("step", {"start": 1, "end": 20, "initial_level": 0.1, "gamma": 2.0, "step_size": 2})
     assert s(0, 0.5) == 0.0
     assert s(1, 0.5) == pytest.approx(0.1) and s(2.9, 0.5) == pytest.approx(0.1)
     assert s(3, 0.5) == pytest.approx(0.2) and s(5, 0.5) == pytest.approx(0.4)
     assert s(7, 0.5) == 0.5 and s(10_000, 0.5) == 0.5  # the seed grew without bound; we stop at final
+    slow = create_scheduler("step", {"start": 0, "end": 4, "initial_level": 0.01, "gamma": 1.5})
+    assert slow(3.9, 0.9) < 0.9 and slow(4, 0.9) == 0.9  # from `end` on: the final level
 
 
 def test_a_start_equal_to_end_jumps_to_final():

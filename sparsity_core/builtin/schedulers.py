@@ -46,18 +46,29 @@ class StepSpec(SchedulerSpec):
 
 
 class Step(Scheduler):
-    """The seed's StepSL, bounded: initial_level * gamma^k every step_size, never above the final."""
+    """The seed's StepSL, bounded: initial_level * gamma^k every step_size, the final level from `end` on.
+
+    Between `start` and `end` the level multiplies by `gamma` every `step_size` and never rises
+    above the final level (the seed's grew without bound: 0.5 -> 16.0); from `end` on it is the
+    final level, as for every scheduler. Set `end` to give the steps room (its default, `start`,
+    makes this a constant schedule).
+    """
 
     name = "step"
     Spec = StepSpec
     spec: StepSpec
 
     def level_at(self, t: float, final_level: float) -> float:
-        if t < self.spec.start:
+        spec = self.spec
+        if t < spec.start:
             return 0.0
-        k = math.floor((t - self.spec.start) / self.spec.step_size + 1e-9)
+        if spec.end is not None and t >= spec.end:
+            return final_level
+        if spec.initial_level <= 0:
+            return 0.0
+        k = math.floor((t - spec.start) / spec.step_size + 1e-9)
         # gamma ** k overflows for long runs; in log space the cap is reached first.
-        log_level = math.log(self.spec.initial_level) + k * math.log(self.spec.gamma) if self.spec.initial_level > 0 else -math.inf
+        log_level = math.log(spec.initial_level) + k * math.log(spec.gamma)
         return min(final_level, math.exp(min(log_level, 0.0)))
 
 
