@@ -182,7 +182,7 @@ def test_magnitude_passes_every_check() -> None:
     assert {"pattern_block_1x4", "pattern_nm_2_4", "importance_order_global", "bfloat16", "state_roundtrip"} <= set(report.passed)
 
 
-@pytest.mark.parametrize("name", ["constant", "linear", "cubic"])
+@pytest.mark.parametrize("name", ["constant", "linear", "cubic", "step"])
 def test_builtin_schedulers_pass_every_check(name: str) -> None:
     report = check_scheduler(name, raise_on_failure=True)
     assert len(report.passed) == len(report.results) >= 10
