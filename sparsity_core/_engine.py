@@ -42,7 +42,7 @@ CHUNK: Final = 1 << 18
 #: Selections over at most this many units are done exactly in one go.
 EXACT: Final = 1 << 18
 #: Units sampled to bracket the threshold of a larger selection.
-SAMPLE: Final = 1 << 18
+SAMPLE: Final = 1 << 17
 #: Half-width of the bracket, in standard errors of the sampled quantile.
 Z: Final = 5.0
 
@@ -87,6 +87,13 @@ def view2d(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def _kth(values: Tensor, k: int) -> float:
+    """The k-th smallest (1-based) of 1-D ``values``."""
+    if values.is_cpu:
+        return float(np.partition(_np(values), k - 1)[k - 1])
+    return float(torch.kthvalue(values, k).values)
+
+
 def _keep_above_kth(values: Tensor, n_prune: int) -> Tensor:
     """Keep mask over 1-D ``values``: prune the ``n_prune`` lowest, earlier positions first on ties."""
     n = values.numel()
@@ -94,7 +101,7 @@ def _keep_above_kth(values: Tensor, n_prune: int) -> Tensor:
         return torch.ones(n, dtype=torch.bool, device=values.device)
     if n_prune >= n:
         return torch.zeros(n, dtype=torch.bool, device=values.device)
-    thr = float(torch.kthvalue(values, n_prune).values)
+    thr = _kth(values, n_prune)
     keep = values > thr
     ties = torch.nonzero(values == thr).view(-1)
     below = n - _count(keep) - ties.numel()
@@ -120,26 +127,30 @@ def rank_keep(x: Tensor, n_prune: int, out: Tensor) -> None:
         return
     # rank_i = #{j: x_j < x_i} + #{j < i: x_j == x_i}; prune rank < n_prune. Column by column, so
     # every operation is one contiguous vector of G.
-    if x.is_cpu:
-        xn = _np(x)
-        cols = [np.ascontiguousarray(xn[:, i]) for i in range(k)]
+    rank_keep_columns([x[:, i].contiguous() for i in range(k)], n_prune, out)
+
+
+def rank_keep_columns(cols: list[Tensor], n_prune: int, out: Tensor) -> None:
+    """:func:`rank_keep` given the K columns of the scores as contiguous vectors."""
+    k, g = len(cols), cols[0].numel()
+    if cols[0].is_cpu:
+        arrays = [_np(c) for c in cols]
         ranks = [np.full(g, i, np.uint8) for i in range(k)]
         less = np.empty(g, dtype=bool)
+        lu = less.view(np.uint8)
         for i in range(k):
             for j in range(i + 1, k):
-                np.less(cols[j], cols[i], out=less)
-                lu = less.view(np.uint8)
-                ranks[i] += lu
-                ranks[j] -= lu
+                np.less(arrays[j], arrays[i], out=less)
+                np.add(ranks[i], lu, out=ranks[i])
+                np.subtract(ranks[j], lu, out=ranks[j])
         on = _np(out)
         for i in range(k):
             np.greater_equal(ranks[i], n_prune, out=on[:, i])
         return
-    tcols = [x[:, i].contiguous() for i in range(k)]
-    tranks = [torch.full((g,), i, dtype=torch.uint8, device=x.device) for i in range(k)]
+    tranks = [torch.full((g,), i, dtype=torch.uint8, device=cols[0].device) for i in range(k)]
     for i in range(k):
         for j in range(i + 1, k):
-            lt = (tcols[j] < tcols[i]).to(torch.uint8)
+            lt = (cols[j] < cols[i]).to(torch.uint8)
             tranks[i] += lt
             tranks[j] -= lt
     for i in range(k):
@@ -361,8 +372,13 @@ def _select_exact(units: Sequence[_Units], target: float, size: int) -> None:
 def _select_bracketed(units: Sequence[_Units], target: float, size: int) -> bool:
     """The sampled-bracket selection; returns False (nothing decided) when the bracket misses."""
     total = sum(u.n for u in units)
+    # stratified: one random unit in each of SAMPLE equal strides (sorted, so gathers stream)
     gen = torch.Generator().manual_seed(0)
-    index = torch.randint(total, (SAMPLE,), generator=gen).sort().values
+    n_sample = min(SAMPLE, total)
+    stride = total / n_sample
+    index = (torch.arange(n_sample, dtype=torch.float64) * stride).long()
+    index += (torch.rand(n_sample, generator=gen, dtype=torch.float64) * stride).long()
+    index.clamp_(max=total - 1)
     bounds = torch.tensor([0] + [u.n for u in units]).cumsum(0)
     parts = []
     for i, u in enumerate(units):
@@ -379,12 +395,14 @@ def _select_bracketed(units: Sequence[_Units], target: float, size: int) -> bool
         q = target / sum(int(u.sizes(0, u.n).sum()) if not u.size else u.n * u.size for u in units)
     spread = Z * math.sqrt(n_sample * q * (1 - q))
     lo_rank, hi_rank = math.floor(q * n_sample - spread) - 1, math.ceil(q * n_sample + spread) + 1
-    lo = float(torch.kthvalue(sample, lo_rank + 1).values) if lo_rank >= 0 else -math.inf
-    hi = float(torch.kthvalue(sample, hi_rank + 1).values) if hi_rank < n_sample else math.inf
+    ordered = np.sort(_np(sample))  # one sort of the sample serves lo, hi and the tie check
+    lo = float(ordered[lo_rank]) if lo_rank >= 0 else -math.inf
+    hi = float(ordered[hi_rank]) if hi_rank < n_sample else math.inf
     cap = max(1 << 16, 4 * (hi_rank - lo_rank) * total // n_sample)
     if size:
-        at_q = float(torch.kthvalue(sample, min(max(round(q * n_sample), 1), n_sample)).values)
-        if int((sample == at_q).sum()) > 2 * spread:  # a tie mass (zeros, say) straddles the cut
+        at_q = float(ordered[min(max(round(q * n_sample), 1), n_sample) - 1])
+        ties = np.searchsorted(ordered, at_q, "right") - np.searchsorted(ordered, at_q, "left")
+        if ties > 2 * spread:  # a tie mass (zeros, say) straddles the cut
             return _select_ties(units, at_q, min(max(round(target / size), 0), total))
 
     below = 0.0  # elements (or units, when uniform) certainly pruned: score < lo
@@ -479,6 +497,14 @@ def nm_mask(scorer: Scorer, n: int, m: int, level: float) -> Tensor:
     if prune <= 0:
         return mask.fill_(True).view(tensor.shape)
     full = cols // m * m
+    if full == cols:  # groups are runs of m in the flat tensor: score it in flat pieces
+        out = mask.view(-1)
+        step = max(m, CHUNK // m * m)
+        for start in range(0, out.numel(), step):
+            end = min(out.numel(), start + step)
+            rank_keep(scorer.piece(start, end).view(-1, m), prune, out[start:end].view(-1, m))
+        scorer.release()
+        return mask.view(tensor.shape)
     tail_prune = min(prune, max(cols - full - n, 0))
     band = max(1, CHUNK // max(1, cols))
     for r0 in range(0, rows, band):

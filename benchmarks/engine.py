@@ -1,0 +1,343 @@
+"""Engine speed and memory against the limit (one read+write pass) and the anchors users have today.
+
+    python benchmarks/engine.py --params 100e6          # the issue's setting (takes a few minutes)
+    python benchmarks/engine.py --params 10e6 --quick   # a smoke run
+
+Every case runs in a fresh subprocess on one thread (``torch.set_num_threads(1)``) over a model of
+``nn.Linear`` layers (4096 x 4096 when large enough). Time: the best of ``--repeat`` runs for ours
+(weights re-drawn in place between runs), one run for the slow anchors.
+
+Peak extra memory, honestly: before a case the subprocess resets the kernel's peak-RSS counter
+(``echo 5 > /proc/self/clear_refs``), notes its current RSS, runs the case, and reads the peak
+(``VmHWM``) from ``/proc/self/status``. Peak minus baseline is every byte the case touched beyond
+the model already in memory: scores, temporaries, masks, allocator slack; nothing is estimated.
+It is reported as a fraction of the model's weight bytes. Where ``/proc`` is missing it falls back
+to ``ru_maxrss`` (which cannot be reset; the model is then built first and the figure is an upper
+bound).
+
+Cases: ``pass`` (w.mul_(1) over every weight: the limit); ours one-shot through ``sparsify`` (masks
+computed, applied and dropped; ``SparsityController(...).step()`` then ``.squash()``, i.e.
+``sparsify`` without its closing report): magnitude 90% global and layer, 2:4, data_norm 1x4; ours with the
+masks kept (``SparsityController.step()``, bool masks alive afterwards); the anchors
+``torch.nn.utils.prune.global_unstructured`` + ``prune.remove`` (what Lightning's ModelPruning
+calls), torch.ao ``WeightNormSparsifier`` (1x4 blocks) and ``DataNormSparsifier`` (1x4, the seed
+callback's path). Then the cost of re-applying masks after each optimizer step, as a fraction of a
+training step of a ~5M-parameter MLP, beside torch.nn.utils.prune's forward pre-hooks and torch.ao's
+parametrizations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import warnings
+from typing import Any, Callable
+
+GOALS = {
+    "magnitude global 90%": ("pass", 10.0, "prune.global_unstructured", 20.0),
+    "2:4": ("pass", 10.0, None, None),
+    "data_norm 1x4": (None, None, "torch.ao DataNormSparsifier", 20.0),
+}
+MEMORY_GOAL = 0.3
+APPLY_GOAL = 0.03
+
+
+# -- measuring (inside the subprocess) -----------------------------------------------------------
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _measure(fn: Callable[[], None], repeat: int, before: Callable[[], None] | None = None) -> tuple[float, int]:
+    import gc
+    import resource
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base, proc = _status("VmRSS"), True
+    except OSError:
+        base, proc = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, False
+    best = math.inf
+    for _ in range(repeat):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    peak = _status("VmHWM") if proc else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return best, max(0, peak - base)
+
+
+def _model(params: float) -> Any:
+    import torch
+    from torch import nn
+
+    d = 4096 if params >= 4096 * 4096 else max(16, int(math.sqrt(params)))
+    layers = max(1, round(params / (d * d)))
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(d, d) for _ in range(layers)])
+
+
+def _weights(model: Any) -> list[Any]:
+    return [m.weight for m in model]
+
+
+def run_case(case: str, params: float, repeat: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    model = _model(params)
+    weights = _weights(model)
+    n = sum(w.numel() for w in weights)
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+
+    def redraw() -> None:
+        with torch.no_grad():
+            for w in weights:
+                w.normal_()
+
+    import sparsity_core as sc
+
+    sc.sparsify(torch.nn.Linear(8, 8), "data_norm")  # warm up: imports and plugin discovery are not the case
+    sc.sparsify(torch.nn.Linear(8, 8), "magnitude", {"pattern": "2:4"})
+
+    ours: dict[str, tuple[str, dict[str, Any]]] = {
+        "magnitude global 90%": ("magnitude", {"sparsity_level": 0.9, "scope": "global"}),
+        "magnitude layer 90%": ("magnitude", {"sparsity_level": 0.9}),
+        "2:4": ("magnitude", {"pattern": "2:4"}),
+        "data_norm 1x4": ("data_norm", {"sparsity_level": 0.9, "sparse_block_shape": (1, 4)}),
+    }
+    keep: list[Any] = []
+    if case == "pass":
+        with torch.no_grad():
+            fn: Callable[[], None] = lambda: [w.mul_(1) for w in weights] and None  # noqa: E731
+            seconds, extra = _measure(fn, repeat)
+    elif case in ours:
+        name, args = ours[case]
+
+        def one_shot() -> None:  # what sparsify() does, less its report (a count of zeros)
+            c = sc.SparsityController(model, name, args)
+            c.step()
+            c.squash()
+
+        seconds, extra = _measure(one_shot, repeat, redraw)
+    elif case == "magnitude global 90%, masks kept":
+
+        def kept() -> None:
+            keep.clear()
+            c = sc.SparsityController(model, "magnitude", {"sparsity_level": 0.9, "scope": "global"})
+            c.step()
+            keep.append(c)
+
+        seconds, extra = _measure(kept, repeat, redraw)
+        assert keep[0].masks and all(m.dtype == torch.bool for m in keep[0].masks.values())
+    elif case == "prune.global_unstructured":
+        import torch.nn.utils.prune as prune
+
+        def tp() -> None:
+            pairs = [(m, "weight") for m in model]
+            prune.global_unstructured(pairs, pruning_method=prune.L1Unstructured, amount=0.9)
+            for m, p in pairs:
+                prune.remove(m, p)
+
+        seconds, extra = _measure(tp, 1)
+    elif case == "torch.ao WeightNormSparsifier":
+        from torch.ao.pruning import WeightNormSparsifier
+
+        def wn() -> None:
+            s = WeightNormSparsifier(sparsity_level=0.9, sparse_block_shape=(1, 4), zeros_per_block=4)
+            s.prepare(model, [{"tensor_fqn": f"{i}.weight"} for i in range(len(model))])
+            s.step()
+            s.squash_mask()
+
+        seconds, extra = _measure(wn, 1)
+    elif case == "torch.ao DataNormSparsifier":
+        from torch.ao.pruning._experimental.data_sparsifier import DataNormSparsifier
+
+        def dn() -> None:
+            s = DataNormSparsifier(sparsity_level=0.9, sparse_block_shape=(1, 4), zeros_per_block=4)
+            for i, w in enumerate(weights):
+                s.add_data(f"w{i}", w.data)
+            s.step()
+            s.squash_mask()
+
+        seconds, extra = _measure(dn, 1)
+    else:
+        raise SystemExit(f"unknown case {case!r}")
+    return {"case": case, "seconds": seconds, "extra_bytes": extra, "model_bytes": nbytes, "params": n}
+
+
+def run_apply(repeat: int) -> dict[str, Any]:
+    """Per-step cost of keeping a ~5M-parameter MLP sparse, as a fraction of its training step."""
+    import torch
+    import torch.nn.utils.prune as prune
+    from torch import nn
+    from torch.ao.pruning import WeightNormSparsifier
+
+    import sparsity_core as sc
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+
+    def mlp() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 1024), nn.ReLU(), nn.Linear(1024, 512))
+
+    x, y = torch.randn(128, 1024), torch.randn(128, 512)
+
+    def steps(model: nn.Module, opt: torch.optim.Optimizer, n: int) -> float:
+        best = math.inf
+        for _ in range(n):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    out: dict[str, Any] = {}
+    model = mlp()
+    out["params"] = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    steps(model, opt, 3)
+    out["dense step"] = base = steps(model, opt, repeat)
+
+    c = sc.SparsityController(model, "magnitude", {"sparsity_level": 0.9})
+    c.step()
+    best = math.inf
+    for _ in range(max(repeat, 20)):
+        t0 = time.perf_counter()
+        c.apply_masks()
+        best = min(best, time.perf_counter() - t0)
+    out["ours: apply_masks"] = best
+    c.attach(opt)
+    out["ours: step with hook"] = steps(model, opt, repeat)
+
+    m2 = mlp()
+    for layer in m2:
+        if isinstance(layer, nn.Linear):
+            prune.l1_unstructured(layer, "weight", amount=0.9)
+    opt2 = torch.optim.SGD(m2.parameters(), lr=1e-3, momentum=0.9)
+    steps(m2, opt2, 3)
+    out["torch prune: step with hooks"] = steps(m2, opt2, repeat)
+
+    m3 = mlp()
+    s = WeightNormSparsifier(sparsity_level=0.9, sparse_block_shape=(1, 1), zeros_per_block=1)
+    s.prepare(m3, [{"tensor_fqn": f"{i}.weight"} for i in (0, 2, 4)])
+    s.step()
+    opt3 = torch.optim.SGD(m3.parameters(), lr=1e-3, momentum=0.9)
+    steps(m3, opt3, 3)
+    out["torch.ao: step with parametrizations"] = steps(m3, opt3, repeat)
+    out["base"] = base
+    return out
+
+
+# -- orchestration -------------------------------------------------------------------------------
+def _child(args: list[str]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=float, default=100e6, help="weights in the Linear model (default 100e6)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case of ours (best is kept)")
+    parser.add_argument("--quick", action="store_true", help="skip the slow anchors")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--apply", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, args.params, args.repeat)))
+        return
+    if args.apply:
+        print(json.dumps(run_apply(max(args.repeat, 5))))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    cases = [
+        "pass",
+        "magnitude global 90%",
+        "magnitude layer 90%",
+        "2:4",
+        "data_norm 1x4",
+        "magnitude global 90%, masks kept",
+    ]
+    anchors = ["prune.global_unstructured", "torch.ao WeightNormSparsifier", "torch.ao DataNormSparsifier"]
+    results: dict[str, dict[str, Any]] = {}
+    for case in cases + ([] if args.quick else anchors):
+        console.print(f"running {case} ...", style="dim")
+        results[case] = _child(["--case", case, "--params", str(args.params), "--repeat", str(args.repeat)])
+    passed = results["pass"]
+    if "error" in passed:
+        raise SystemExit(f"the reference pass failed: {passed['error']}")
+    table = Table(title=f"Mask computation, {passed['params'] / 1e6:.1f}M params ({passed['model_bytes'] / 2**20:.0f} MiB fp32), one thread")
+    for col in ("case", "time (s)", "x pass", "peak extra (x model bytes)"):
+        table.add_column(col, justify="left" if col == "case" else "right")
+    for case, r in results.items():
+        if "error" in r:
+            table.add_row(case, "error", " ".join(r["error"]), "")
+            continue
+        table.add_row(
+            case, f"{r['seconds']:.3f}", f"{r['seconds'] / passed['seconds']:.1f}", f"{r['extra_bytes'] / r['model_bytes']:.3f}"
+        )
+    console.print(table)
+
+    verdicts = []
+    for case, (vs_pass, pass_ratio, anchor, anchor_ratio) in GOALS.items():
+        r = results.get(case, {})
+        if "seconds" not in r:
+            continue
+        if vs_pass:
+            x = r["seconds"] / passed["seconds"]
+            verdicts.append((f"{case}: within {pass_ratio:g}x of the pass", f"{x:.1f}x", x <= pass_ratio))
+        if anchor and "seconds" in results.get(anchor, {}):
+            x = results[anchor]["seconds"] / r["seconds"]
+            verdicts.append((f"{case}: >= {anchor_ratio:g}x faster than {anchor}", f"{x:.0f}x", x >= anchor_ratio))
+    for case in ("magnitude global 90%", "2:4", "data_norm 1x4", "magnitude global 90%, masks kept"):
+        r = results.get(case, {})
+        if "extra_bytes" in r:
+            x = r["extra_bytes"] / r["model_bytes"]
+            verdicts.append((f"{case}: peak extra memory <= {MEMORY_GOAL:g}x model bytes", f"{x:.3f}x", x <= MEMORY_GOAL))
+
+    console.print("running apply-after-step ...", style="dim")
+    a = _child(["--apply", "--repeat", str(max(args.repeat, 5))])
+    if "error" not in a:
+        t2 = Table(title=f"Keeping a {a['params'] / 1e6:.1f}M-param MLP sparse (batch 128, SGD), per training step")
+        t2.add_column("what")
+        t2.add_column("seconds", justify="right")
+        t2.add_column("x dense step", justify="right")
+        for k in ("dense step", "ours: apply_masks", "ours: step with hook", "torch prune: step with hooks", "torch.ao: step with parametrizations"):
+            t2.add_row(k, f"{a[k]:.4f}", f"{a[k] / a['base']:.3f}")
+        console.print(t2)
+        frac = a["ours: apply_masks"] / a["base"]
+        verdicts.append((f"re-applying masks <= {APPLY_GOAL:.0%} of a training step", f"{frac:.1%}", frac <= APPLY_GOAL))
+    else:
+        console.print(f"apply-after-step failed: {a['error']}", style="red")
+
+    t3 = Table(title="Goals")
+    t3.add_column("goal")
+    t3.add_column("measured", justify="right")
+    t3.add_column("met")
+    for goal, measured, ok in verdicts:
+        t3.add_row(goal, measured, "[green]met[/]" if ok else "[red]not met[/]")
+    console.print(t3)
+
+
+if __name__ == "__main__":
+    main()
