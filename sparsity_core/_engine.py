@@ -42,7 +42,7 @@ CHUNK: Final = 1 << 18
 #: Selections over at most this many units are done exactly in one go.
 EXACT: Final = 1 << 18
 #: Units sampled to bracket the threshold of a larger selection.
-SAMPLE: Final = 1 << 17
+SAMPLE: Final = 1 << 18
 #: Half-width of the bracket, in standard errors of the sampled quantile.
 Z: Final = 5.0
 
@@ -398,59 +398,63 @@ def _select_bracketed(units: Sequence[_Units], target: float, size: int) -> bool
     ordered = np.sort(_np(sample))  # one sort of the sample serves lo, hi and the tie check
     lo = float(ordered[lo_rank]) if lo_rank >= 0 else -math.inf
     hi = float(ordered[hi_rank]) if hi_rank < n_sample else math.inf
-    cap = max(1 << 16, 4 * (hi_rank - lo_rank) * total // n_sample)
     if size:
         at_q = float(ordered[min(max(round(q * n_sample), 1), n_sample) - 1])
         ties = np.searchsorted(ordered, at_q, "right") - np.searchsorted(ordered, at_q, "left")
         if ties > 2 * spread:  # a tie mass (zeros, say) straddles the cut
             return _select_ties(units, at_q, min(max(round(target / size), 0), total))
 
+    # Candidates go to buffers allocated once: small long-lived allocations between the pieces'
+    # temporaries would keep the allocator from reusing their memory (the heap then grows by
+    # about the size of every score ever made).
+    cap = max(1 << 16, 3 * (hi_rank - lo_rank) * total // (2 * n_sample))
+    pos_buf = torch.empty(cap, dtype=torch.int32 if max(u.n for u in units) < 2**31 else torch.int64)
+    val_buf = torch.empty(cap, dtype=torch.float32)
+    size_buf = torch.empty(cap if not size else 0, dtype=torch.int64)
+    spans: list[tuple[int, int, int]] = []
     below = 0.0  # elements (or units, when uniform) certainly pruned: score < lo
-    cand_unit: list[int] = []
-    cand_pos: list[Tensor] = []
-    cand_val: list[Tensor] = []
-    cand_size: list[Tensor] = []
     n_cand = 0
     for i, u in enumerate(units):
+        first = n_cand
         for start, s in u.pieces():
             m = u.mask[start : start + s.numel()]
             _ge_into(s, hi, m)
             pos = _in_bracket(s, m, lo)
-            n_cand += pos.numel()
-            if n_cand > cap:
+            c = pos.numel()
+            if n_cand + c > cap:
                 return False
             if size:
-                below += s.numel() - _count(m) - pos.numel()
+                below += s.numel() - _count(m) - c
             else:
                 w = u.sizes(start, start + s.numel())
                 below += float(w.sum() - w[m].sum() - w[pos].sum())
-                cand_size.append(w[pos].cpu())
-            if pos.numel():
-                cand_unit.append(i)
-                cand_pos.append(pos + start)
-                cand_val.append(s[pos.to(s.device)].cpu())
+                size_buf[n_cand : n_cand + c] = w[pos]
+            if c:
+                val_buf[n_cand : n_cand + c] = s[pos.to(s.device)]
+                pos_buf[n_cand : n_cand + c] = pos
+                pos_buf[n_cand : n_cand + c] += start
+                n_cand += c
+        spans.append((i, first, n_cand))
         if len(units) > 1:
             u.release()
-    values = torch.cat(cand_val) if cand_val else torch.empty(0)
+    values = val_buf[:n_cand]
     if size:
         k = min(max(round(target / size), 0), total)
-        if not below <= k <= below + values.numel():
+        if not below <= k <= below + n_cand:
             return False
         keep = _keep_above_kth(values, int(k - below))
     else:
-        weights = torch.cat(cand_size) if cand_size else torch.empty(0, dtype=torch.int64)
+        weights = size_buf[:n_cand]
         if not below <= target <= below + float(weights.sum()):
             return False
         order = torch.argsort(values, stable=True)
         cum = below + torch.cat([weights.new_zeros(1), torch.cumsum(weights[order], 0)]).double()
         n_prune = int(torch.argmin((cum - target).abs()))
-        keep = torch.ones(values.numel(), dtype=torch.bool)
+        keep = torch.ones(n_cand, dtype=torch.bool)
         keep[order[:n_prune]] = False
-    offset = 0
-    for i, pos in zip(cand_unit, cand_pos):
-        part = keep[offset : offset + pos.numel()]
-        offset += pos.numel()
-        units[i].mask[pos[part].to(units[i].mask.device)] = True
+    for i, first, last in spans:
+        pos = pos_buf[first:last][keep[first:last]].long()
+        units[i].mask[pos.to(units[i].mask.device)] = True
     return True
 
 
