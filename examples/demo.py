@@ -127,8 +127,11 @@ def main() -> None:
     print()
     print(sparsity.report.table(title="Per-layer sparsity of the trained network (weights of the Linear layers)"))
     print()
-    print(f"test accuracy, dense ({DENSE_EPOCHS} epochs):                 {dense_acc:.2%}")
-    print(f"test accuracy, {sparsity.report.overall:.0%} sparse (+{SPARSE_EPOCHS} epochs pruning): {sparse_acc:.2%}")
+    dense_label = f"dense, after {DENSE_EPOCHS} epochs"
+    sparse_label = f"{sparsity.report.overall:.0%} sparse, after {SPARSE_EPOCHS} more epochs of pruning"
+    width = max(len(dense_label), len(sparse_label))
+    print(f"test accuracy, {dense_label:<{width}}  {dense_acc:.2%}")
+    print(f"test accuracy, {sparse_label:<{width}}  {sparse_acc:.2%}")
     print(f"nonzero weights: {sparsity.report.numel - sum(r.zeros for r in sparsity.report.rows):,} "
           f"of {sparsity.report.numel:,}")
     path = OUT / "demo.png"

@@ -163,7 +163,14 @@ class _SparsityCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(sparsifier=_label(self.sparsifier), submodule=self.submodule)
+        # Lightning reads it at every hook call (profiler names): build it once.
+        key: str | None = self.__dict__.get("_state_key")
+        if key is None:
+            key = self._state_key = self._generate_state_key(**self._state_key_fields())
+        return key
+
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {"sparsifier": _label(self.sparsifier), "submodule": self.submodule}
 
     def _controller(self, target: nn.Module, scheduler: tuple[type, BaseModel] | None = None) -> SparsityController:
         # Resolve the name again: implementations are bound at train start, so a registry that
@@ -325,11 +332,8 @@ class TrainingAwareSparsity(_SparsityCallback):
     def unit(self) -> str:
         return self._scheduler_spec.unit  # type: ignore[attr-defined,no-any-return]
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(
-            sparsifier=_label(self.sparsifier), submodule=self.submodule, inplace=self.inplace
-        )
+    def _state_key_fields(self) -> dict[str, Any]:
+        return {**super()._state_key_fields(), "inplace": self.inplace}
 
     # -- binding ---------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -394,8 +398,14 @@ class TrainingAwareSparsity(_SparsityCallback):
         elif not self.inplace:
             self._update(trainer, pl_module, trainer.global_step)
         if self.log_sparsity and trainer.is_global_zero:
-            for name, value in self._metrics(self._require_controller().report()).items():
-                pl_module.log(name, value, on_step=False, on_epoch=True, rank_zero_only=True)
+            report = self._require_controller().report()
+            # The overall level through pl_module.log, so that it is in callback_metrics (a
+            # ModelCheckpoint or EarlyStopping can monitor it); the per-layer values straight to
+            # the loggers in one call, as pl_module.log costs about a millisecond per name.
+            pl_module.log("sparsity/overall", report.overall, on_step=False, on_epoch=True, rank_zero_only=True)
+            layers = {f"sparsity/{name}": value for name, value in report.items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(layers, step=trainer.global_step)
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: float) -> None:
         controller = self._require_controller()
