@@ -192,10 +192,15 @@ class _SparsityCallback(Callback):
         if seen == 0:
             raise ValueError(f"sparsifier {controller.sparsifier.name!r} needs activations, but the trainer has no training batches")
 
-    def _metrics(self, report: SparsityReport) -> dict[str, float]:
-        metrics = {f"sparsity/{name}": value for name, value in report.items()}
-        metrics["sparsity/overall"] = report.overall
-        return metrics
+    def _bind_names(self, pl_module: pl.LightningModule, network: nn.Module) -> None:
+        # Logged names are relative to the LightningModule (as in its state_dict), so that two
+        # callbacks on different submodules never write the same name.
+        path = self.submodule or ("" if network is pl_module else "model")
+        self._layer_prefix = f"sparsity/{path}." if path else "sparsity/"
+        self._overall_name = f"sparsity/{self.submodule}/overall" if self.submodule else "sparsity/overall"
+
+    def _layer_metrics(self, report: SparsityReport) -> dict[str, float]:
+        return {f"{self._layer_prefix}{name}": value for name, value in report.items()}
 
     def _summarise(self, controller: SparsityController) -> SparsityReport:
         report = controller.report()
@@ -222,7 +227,9 @@ class PostTrainingSparsity(_SparsityCallback):
         inplace: Sparsify the trained network itself instead of a copy.
         calibration_batches: Training batches run through the network for sparsifiers that need
             activations (ignored by the others).
-        log_sparsity: Log ``sparsity/<name>`` and ``sparsity/overall`` to the trainer's loggers.
+        log_sparsity: Log ``sparsity/<parameter name in the LightningModule>`` and
+            ``sparsity/overall`` (``sparsity/<submodule>/overall`` when one is named) to the
+            trainer's loggers, from rank zero.
         verbose: Print the per-parameter table at the end (rank zero).
     """
 
@@ -249,6 +256,7 @@ class PostTrainingSparsity(_SparsityCallback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         network = _network(pl_module, self.submodule, type(self).__name__)
+        self._bind_names(pl_module, network)
         target = network if self.inplace else copy.deepcopy(network).eval()
         controller = self.controller = self._controller(target)
         self._calibrate(trainer, controller, target)
@@ -260,7 +268,7 @@ class PostTrainingSparsity(_SparsityCallback):
         # pl_module.log is not allowed after training ends; write to the loggers directly.
         if self.log_sparsity and trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(self._metrics(report), step=trainer.global_step)
+                logger.log_metrics({**self._layer_metrics(report), self._overall_name: report.overall}, step=trainer.global_step)
                 logger.save()
 
 
@@ -293,7 +301,9 @@ class TrainingAwareSparsity(_SparsityCallback):
         keep_masks: Keep the masks live at train end instead of squashing them (e.g. to fit again).
         calibration_batches: Training batches run through the network before each mask update, for
             sparsifiers that need activations.
-        log_sparsity: Log ``sparsity/<name>`` and ``sparsity/overall`` at each epoch end.
+        log_sparsity: At each epoch end, log ``sparsity/overall`` (``sparsity/<submodule>/overall``
+            when one is named) through ``pl_module.log`` (so it can be monitored) and
+            ``sparsity/<parameter name in the LightningModule>`` to the loggers, from rank zero.
         verbose: Print the per-parameter table at train end (rank zero).
     """
 
@@ -341,6 +351,7 @@ class TrainingAwareSparsity(_SparsityCallback):
         # the optimizers exist. Loops (epoch, step) are restored later, so the schedule is
         # evaluated at on_train_start.
         network = _network(pl_module, self.submodule, type(self).__name__)
+        self._bind_names(pl_module, network)
         if self.inplace:
             if self.controller is None or not self._same_parameters(network):
                 self.controller = self._controller(network, self._scheduler())
@@ -397,15 +408,18 @@ class TrainingAwareSparsity(_SparsityCallback):
             self._update(trainer, pl_module, trainer.current_epoch + 1)
         elif not self.inplace:
             self._update(trainer, pl_module, trainer.global_step)
-        if self.log_sparsity and trainer.is_global_zero:
+        if self.log_sparsity:
             report = self._require_controller().report()
-            # The overall level through pl_module.log, so that it is in callback_metrics (a
-            # ModelCheckpoint or EarlyStopping can monitor it); the per-layer values straight to
-            # the loggers in one call, as pl_module.log costs about a millisecond per name.
-            pl_module.log("sparsity/overall", report.overall, on_step=False, on_epoch=True, rank_zero_only=True)
-            layers = {f"sparsity/{name}": value for name, value in report.items()}
-            for logger in trainer.loggers:
-                logger.log_metrics(layers, step=trainer.global_step)
+            # The overall level through pl_module.log on every rank, so that it is in each rank's
+            # callback_metrics (ModelCheckpoint or EarlyStopping can monitor it; the loggers write
+            # on rank zero only; the ranks agree, so the sync is exact). The per-layer values go
+            # straight to the loggers in one call from rank zero: pl_module.log costs about a
+            # millisecond per name.
+            pl_module.log(self._overall_name, report.overall, on_step=False, on_epoch=True, sync_dist=True)
+            if trainer.is_global_zero:
+                layers = self._layer_metrics(report)
+                for logger in trainer.loggers:
+                    logger.log_metrics(layers, step=trainer.global_step)
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: float) -> None:
         controller = self._require_controller()

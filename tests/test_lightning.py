@@ -437,8 +437,24 @@ def test_sparsity_is_logged_to_a_csv_logger(tmp_path: Path) -> None:
     overall = [float(r["sparsity/overall"]) for r in rows if r.get("sparsity/overall")]
     # three epoch ends of the training-aware callback, then the post-training copy
     assert overall == pytest.approx([0.4, 0.8, 0.8, 0.95], abs=0.01)
-    layer = [float(r["sparsity/0.weight"]) for r in rows if r.get("sparsity/0.weight")]
+    # per-layer names as in the LightningModule's state_dict
+    layer = [float(r["sparsity/model.0.weight"]) for r in rows if r.get("sparsity/model.0.weight")]
     assert layer == pytest.approx([0.4, 0.8, 0.8, 0.95], abs=0.01)
+    assert {f"sparsity/model.{i}.weight" for i in (0, 2, 4)} <= set(rows[0])
+
+
+def test_logged_names_of_a_module_without_model_and_of_named_submodules(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 1, 6, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+    conv = TrainingAwareSparsity("magnitude", {"sparsity_level": 0.5}, submodule="conv", verbose=False)
+    head = TrainingAwareSparsity("magnitude", {"sparsity_level": 0.7}, submodule="head", verbose=False)
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    t = trainer(callbacks=[conv, head], max_epochs=1, logger=logger)
+    t.fit(SmallCNN(), loader(x, y))
+    assert float(t.callback_metrics["sparsity/conv/overall"]) == pytest.approx(0.5, abs=0.03)
+    assert float(t.callback_metrics["sparsity/head/overall"]) == pytest.approx(0.7, abs=0.01)
+    (row,) = [r for r in read_csv(tmp_path / "run" / "version_0" / "metrics.csv") if r.get("sparsity/head.weight")]
+    assert float(row["sparsity/head.weight"]) == pytest.approx(0.7, abs=0.01)
 
 
 def test_summary_table_is_printed(caplog: pytest.LogCaptureFixture) -> None:

@@ -64,3 +64,7 @@ def test_ddp_two_cpu_processes_agree_on_masks(tmp_path: Path) -> None:
     for key in ("masks", "weights", "post_training"):
         assert ranks[0][key] == ranks[1][key], key
     assert ranks[0]["pruned"] == pytest.approx({"noise.weight": 0.6, "random.weight": 0.5}, abs=0.01)
+    assert ranks[0]["best_checkpoint"] == ranks[1]["best_checkpoint"] == "best.ckpt"
+    # logged by rank zero, with names as in the LightningModule's state_dict
+    header = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"sparsity/model.0/overall", "sparsity/model.2/overall", "sparsity/model.0.weight"} <= set(header)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -61,9 +63,11 @@ def main(out: Path) -> None:
     noise_cb = TrainingAwareSparsity(RankNoise, {"sparsity_level": 0.6}, "linear", {"end": 2},
                                      submodule="model.2", keep_masks=True, verbose=False)
     post = PostTrainingSparsity(RankNoise, {"sparsity_level": 0.8}, verbose=False)
-    trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=3, logger=False,
-                         callbacks=[random_cb, noise_cb, post],
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    # every rank can monitor the logged level; only rank zero writes the CSV file
+    best = ModelCheckpoint(dirpath=out / "ckpt", monitor="sparsity/model.0/overall", mode="max", filename="best")
+    trainer = pl.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=3,
+                         logger=CSVLogger(out, name="logs", version=0), callbacks=[random_cb, noise_cb, post, best],
+                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, data)
     masks = {}
     for prefix, cb in (("random.", random_cb), ("noise.", noise_cb)):
@@ -78,6 +82,7 @@ def main(out: Path) -> None:
         "pruned": {n: float((~m).float().mean()) for n, m in masks.items()},
         "weights": digest(dict(model.named_parameters())),
         "post_training": digest(dict(post.sparsified.named_parameters())),
+        "best_checkpoint": Path(best.best_model_path).name,
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
