@@ -118,16 +118,16 @@ def _sync_masks(trainer: pl.Trainer, controller: SparsityController) -> None:
     if not differs.item():
         return
     # Some rank's own masks already zeroed weights that rank 0 keeps: take rank 0's values too.
-    offset = 0
+    masks, offset = {}, 0
     for name in names:
         tensor = controller.tensors[name]
-        mask = synced[offset : offset + tensor.numel()].view(tensor.shape)
+        masks[name] = synced[offset : offset + tensor.numel()].view(tensor.shape).to(device=tensor.device, dtype=torch.bool)
         offset += tensor.numel()
-        controller.masks[name] = mask.to(device=tensor.device, dtype=torch.bool)
         buffer = tensor.detach().to(device).contiguous()
         dist.broadcast(buffer, src=0)
         with torch.no_grad():
             tensor.copy_(buffer)
+    controller.masks = masks  # replaced, never changed in place (state_dict shares the tensors)
     controller.apply_masks()
 
 
