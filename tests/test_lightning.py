@@ -159,8 +159,13 @@ def test_spec_instances_and_qualified_names_are_accepted() -> None:
 def test_post_training_sparsifies_a_copy_of_a_biased_mlp_and_leaves_the_model_untouched() -> None:
     model = BiasedMLP()
     cb = PostTrainingSparsity("magnitude", {"sparsity_level": 0.8}, verbose=False)
-    trainer(callbacks=[cb], max_epochs=2).fit(model, mlp_data())
-    trained = {n: p.detach().clone() for n, p in model.model.named_parameters()}
+    trained: dict[str, torch.Tensor] = {}
+
+    class Snapshot(Callback):  # the weights as training left them, before on_fit_end
+        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            trained.update({n: p.detach().clone() for n, p in model.model.named_parameters()})
+
+    trainer(callbacks=[cb, Snapshot()], max_epochs=2).fit(model, mlp_data())
     assert all(zeros(w) == 0 for w in covered(model.model).values())
     assert cb.sparsified is not None and cb.sparsified is not model.model
     assert not cb.sparsified.training
