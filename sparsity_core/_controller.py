@@ -5,21 +5,49 @@ The callbacks are thin wrappers on it; plain PyTorch loops use it directly.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ._api import Args, create_scheduler, create_sparsifier
-from ._base import Scheduler, Sparsifier
-from ._engine import check_masks
+from ._base import Scheduler, ScoreSparsifier, Sparsifier
+from ._engine import apply_mask_, check_masks, score_masks
 from ._report import SparsityReport
 from ._targets import named_tensors, owner_modules
 
 STATE_VERSION = 1
-_NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)
+#: Elements of each tensor looked at by squash() before it trusts that the tensor is still masked.
+SPOT_CHECK = 1024
+
+_Fused = Callable[[Mapping[str, torch.Tensor], Mapping[str, float], dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]
+
+
+def _fused_masks(sparsifier: Sparsifier) -> _Fused | None:
+    """The built-in mask computation that also applies each mask while the tensor is in cache,
+    when ``sparsifier`` uses it unchanged (a plugin that overrides ``compute_masks`` gets the
+    plain path: compute, check, then apply)."""
+    from .builtin.sparsifiers import DataNorm
+
+    kind = type(sparsifier)
+    if kind.compute_masks is ScoreSparsifier.compute_masks:
+        return lambda tensors, levels, applied: score_masks(sparsifier, tensors, levels, applied)  # type: ignore[arg-type]
+    if kind.compute_masks is DataNorm.compute_masks and kind.masks_applied is DataNorm.masks_applied:  # type: ignore[attr-defined]
+        return sparsifier.masks_applied  # type: ignore[attr-defined,no-any-return]
+    return None
+
+
+def _still_masked(tensor: torch.Tensor, mask: torch.Tensor) -> bool:
+    """A spot check: no pruned element among :data:`SPOT_CHECK` fixed positions is nonzero."""
+    n = tensor.numel()
+    if not tensor.is_contiguous() or n == 0:
+        return n == 0
+    gen = torch.Generator().manual_seed(n)
+    index = torch.randint(n, (min(n, SPOT_CHECK),), generator=gen).to(tensor.device)
+    values = tensor.detach().reshape(-1)[index]
+    pruned = ~mask.reshape(-1)[index]
+    return not bool(values[pruned].any())
 
 
 class SparsityController:
@@ -57,6 +85,8 @@ class SparsityController:
         self.masks: dict[str, torch.Tensor] = {}
         self.t: float | None = None
         self._hooks: list[Any] = []
+        # name -> (mask, tensor version, data pointer) when this controller last masked the tensor
+        self._masked: dict[str, tuple[torch.Tensor, int, int]] = {}
 
     # -- schedule ----------------------------------------------------------------------------
     def levels_at(self, t: float) -> dict[str, float]:
@@ -75,27 +105,66 @@ class SparsityController:
         return True
 
     def update_masks(self, levels: Mapping[str, float] | None = None) -> None:
-        """Recompute every mask at ``levels`` (default: the current ones) and apply them."""
+        """Recompute every mask at ``levels`` (default: the current ones) and apply them.
+
+        With the built-in selection (any ``ScoreSparsifier`` or ``data_norm`` that does not
+        override ``compute_masks``) each tensor is masked as its mask is made, piece by piece
+        where the pattern allows, rather than in a second pass over all weights. Should that
+        raise (NaN weights, say), :attr:`masks` holds the new masks of the tensors already
+        masked and the previous ones of the rest."""
         if levels is not None:
             self.levels = dict(levels)
-        with torch.no_grad():
-            masks = self.sparsifier.compute_masks(self.tensors, self.levels)
+        fused = _fused_masks(self.sparsifier)
+        applied: dict[str, torch.Tensor] = {}
+        try:
+            with torch.no_grad():
+                if fused is None:
+                    masks = self.sparsifier.compute_masks(self.tensors, self.levels)
+                else:
+                    masks = fused(self.tensors, self.levels, applied)
+        except BaseException:
+            if applied:
+                self.masks = {n: applied.get(n, m) for n, m in {**self.masks, **applied}.items()}
+                for name, mask in applied.items():
+                    self._note_masked(name, mask)
+            raise
         self.masks = check_masks(self.sparsifier, self.tensors, masks)
-        self.apply_masks()
+        if fused is None:
+            self.apply_masks()
+        else:
+            for name, mask in self.masks.items():
+                self._note_masked(name, mask)
 
     # -- masks -------------------------------------------------------------------------------
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zero every pruned element in place (runs after every optimizer step, so it is lean:
         one multiply by the bool mask, through NumPy on CPU where it is several times faster
-        than torch's bool-to-float promotion)."""
+        than torch's bool-to-float promotion). Always a full pass: an optimizer may write the
+        weights without telling autograd (fused optimizers do not bump the version counter)."""
         for name, mask in self.masks.items():
-            tensor = self.tensors[name]
-            if tensor.is_cpu and tensor.dtype in _NUMPY_FLOATS and mask.is_cpu:
-                array = tensor.detach().numpy()
-                np.multiply(array, mask.numpy(), out=array)
-            else:
-                tensor.mul_(mask)
+            apply_mask_(self.tensors[name], mask)
+            self._note_masked(name, mask)
+
+    def _note_masked(self, name: str, mask: torch.Tensor) -> None:
+        tensor = self.tensors[name]
+        self._masked[name] = (mask, tensor._version, tensor.data_ptr())
+
+    def _is_masked(self, name: str, mask: torch.Tensor) -> bool:
+        """True when this controller masked ``name`` with this very mask and the tensor has not
+        been written since as far as torch can tell (same storage, same version counter), and a
+        spot check of pruned positions finds only zeros (which catches writes that bypass the
+        version counter, such as a fused optimizer step, whose updates move every pruned weight
+        with a gradient)."""
+        noted = self._masked.get(name)
+        tensor = self.tensors[name]
+        return (
+            noted is not None
+            and noted[0] is mask
+            and noted[1] == tensor._version
+            and noted[2] == tensor.data_ptr()
+            and _still_masked(tensor, mask)
+        )
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Any:
         """Re-apply the masks after every ``optimizer.step()``; returns the removable handle."""
@@ -109,9 +178,17 @@ class SparsityController:
         self._hooks.clear()
 
     def squash(self) -> None:
-        """Make the masks permanent (pruned weights stay zero) and drop them."""
-        self.apply_masks()
+        """Make the masks permanent (pruned weights stay zero) and drop them.
+
+        A tensor this controller has masked and nothing has written since (see
+        :meth:`_is_masked`) is not passed over again: ``step()`` then ``squash()``, the one-shot
+        path, reads the weights once. Anything else is masked once more."""
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                if not self._is_masked(name, mask):
+                    apply_mask_(self.tensors[name], mask)
         self.masks = {}
+        self._masked = {}
         self.detach()
 
     # -- calibration -------------------------------------------------------------------------

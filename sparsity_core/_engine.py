@@ -26,6 +26,7 @@ How a selection stays near one pass over the weights
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
@@ -80,6 +81,22 @@ def _in_bracket(s: Tensor, kept: Tensor, lo: float) -> Tensor:
     return torch.nonzero((s >= lo) ^ kept).view(-1)
 
 
+_NUMPY_FLOATS: Final = (torch.float32, torch.float64, torch.float16)
+
+
+def apply_mask_(tensor: Tensor, mask: Tensor) -> None:
+    """Zero the pruned elements of ``tensor`` in place (``mask``: bool, same shape, True = keep).
+
+    On CPU one NumPy multiply by the bool mask, several times faster than torch's bool-to-float
+    promotion; elsewhere (and for bf16) ``mul_``.
+    """
+    if tensor.is_cpu and mask.is_cpu and tensor.dtype in _NUMPY_FLOATS:
+        array = tensor.detach().numpy()
+        np.multiply(array, mask.numpy(), out=array)
+    else:
+        tensor.detach().mul_(mask)
+
+
 def view2d(t: Tensor) -> Tensor:
     """The 2-D view described in the module docstring (a view when ``t`` is contiguous)."""
     if t.dim() <= 1:
@@ -119,6 +136,9 @@ def rank_keep(x: Tensor, n_prune: int, out: Tensor) -> None:
     if n_prune >= k:
         out.fill_(False)
         return
+    if x.is_cpu and k <= 8 and x.is_contiguous() and out.is_contiguous() and x.dtype == torch.float32:
+        _rank_keep_flat(_np(x).reshape(-1), k, n_prune, _np(out).reshape(-1))
+        return
     if k > 8:  # the pairwise rank costs O(K) per element; sort wins for wide groups
         order = torch.argsort(x, dim=1, stable=True)
         keep = torch.ones(g, k, dtype=torch.bool, device=x.device)
@@ -128,6 +148,32 @@ def rank_keep(x: Tensor, n_prune: int, out: Tensor) -> None:
     # rank_i = #{j: x_j < x_i} + #{j < i: x_j == x_i}; prune rank < n_prune. Column by column, so
     # every operation is one contiguous vector of G.
     rank_keep_columns([x[:, i].contiguous() for i in range(k)], n_prune, out)
+
+
+@functools.lru_cache(maxsize=64)
+def _phase(k: int, s: int, n: int) -> np.ndarray:
+    """uint8 over ``n`` flat positions of groups of ``k``: the column index (``s == 0``), else 1
+    where the column plus ``s`` is still inside the group."""
+    col = np.arange(n, dtype=np.int64) % k
+    return (col if s == 0 else (col + s < k)).astype(np.uint8)
+
+
+def _rank_keep_flat(x: np.ndarray, k: int, n_prune: int, out: np.ndarray) -> None:
+    """:func:`rank_keep` on CPU over flat, contiguous groups of ``k``: the pair of columns
+    ``(c, c + s)`` of every group is compared at once by comparing the flat scores with
+    themselves shifted by ``s``, so every operation is one contiguous vector and the result is
+    written in the tensor's own layout (no split into columns, no strided write-back)."""
+    n = x.size
+    ranks = _phase(k, 0, n).copy()
+    less = np.empty(n, dtype=bool)
+    for s in range(1, k):
+        c = less[: n - s]
+        np.less(x[s:], x[:-s], out=c)
+        cu = c.view(np.uint8)
+        np.bitwise_and(cu, _phase(k, s, n)[: n - s], out=cu)
+        np.add(ranks[: n - s], cu, out=ranks[: n - s])
+        np.subtract(ranks[s:], cu, out=ranks[s:])
+    np.greater_equal(ranks, n_prune, out=out)
 
 
 def rank_keep_columns(cols: list[Tensor], n_prune: int, out: Tensor) -> None:
@@ -488,11 +534,13 @@ def _select_ties(units: Sequence[_Units], value: float, k: int) -> bool:
 
 
 # -- N:M ---------------------------------------------------------------------------------------
-def nm_mask(scorer: Scorer, n: int, m: int, level: float) -> Tensor:
+def nm_mask(scorer: Scorer, n: int, m: int, level: float, apply: bool = False) -> Tensor:
     """Keep ``n`` of every ``m`` consecutive weights along the last dim of the 2-D view.
 
     At an intermediate ``level`` (gradual N:M) ``round(level * m)`` of each group are pruned, at
     most ``m - n``. A ragged tail of ``g < m`` columns prunes as many, at most ``g - n``.
+    With ``apply``, each piece of the tensor is masked as soon as its mask is known, while it is
+    still in cache (a contiguous tensor; otherwise once at the end).
     """
     tensor = scorer.tensor
     rows, cols = view2d(tensor).shape
@@ -501,13 +549,18 @@ def nm_mask(scorer: Scorer, n: int, m: int, level: float) -> Tensor:
     if prune <= 0:
         return mask.fill_(True).view(tensor.shape)
     full = cols // m * m
+    fused = apply and tensor.is_contiguous()
     if full == cols:  # groups are runs of m in the flat tensor: score it in flat pieces
         out = mask.view(-1)
         step = max(m, CHUNK // m * m)
         for start in range(0, out.numel(), step):
             end = min(out.numel(), start + step)
             rank_keep(scorer.piece(start, end).view(-1, m), prune, out[start:end].view(-1, m))
+            if fused:
+                apply_mask_(tensor.view(-1)[start:end], out[start:end])
         scorer.release()
+        if apply and not fused:
+            apply_mask_(tensor, mask.view(tensor.shape))
         return mask.view(tensor.shape)
     tail_prune = min(prune, max(cols - full - n, 0))
     band = max(1, CHUNK // max(1, cols))
@@ -527,19 +580,40 @@ def nm_mask(scorer: Scorer, n: int, m: int, level: float) -> Tensor:
             tail = torch.empty(r1 - r0, cols - full, dtype=torch.bool, device=mask.device)
             rank_keep(s[:, full:].contiguous(), tail_prune, tail)
             mask[r0:r1, full:] = tail
+        if fused:
+            apply_mask_(view2d(tensor)[r0:r1], mask[r0:r1])
     scorer.release()
+    if apply and not fused:
+        apply_mask_(tensor, mask.view(tensor.shape))
     return mask.view(tensor.shape)
 
 
 # -- entry point -------------------------------------------------------------------------------
 def score_masks(
-    sparsifier: ScoreSparsifier, tensors: Mapping[str, Tensor], levels: Mapping[str, float]
+    sparsifier: ScoreSparsifier,
+    tensors: Mapping[str, Tensor],
+    levels: Mapping[str, float],
+    applied: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Bool keep masks for a ``ScoreSparsifier``: names are grouped by their resolved spec
     (overrides may change level, pattern and scope per name); ``global`` groups share one
-    threshold, everything else is selected tensor by tensor."""
+    threshold, everything else is selected tensor by tensor.
+
+    With ``applied`` (a dict), each tensor is also masked in place as soon as its mask is final
+    (N:M: piece by piece, while the piece is in cache) and its mask is recorded there at once, so
+    that a caller interrupted by an error knows which tensors already carry their new mask.
+    """
     masks: dict[str, Tensor] = {}
     groups: dict[int, list[str]] = {}
+    apply = applied is not None
+
+    def done(name: str, mask: Tensor, fused: bool = False) -> None:
+        masks[name] = mask
+        if applied is not None:
+            if not fused:
+                apply_mask_(tensors[name], mask)
+            applied[name] = mask
+
     with torch.no_grad():
         for name, tensor in tensors.items():
             spec = sparsifier.spec_for(name)
@@ -547,18 +621,18 @@ def score_masks(
             level = _check_level(name, levels[name])
             scorer = Scorer(sparsifier, name, tensor)
             if pattern.kind == "n:m":
-                masks[name] = nm_mask(scorer, pattern.a, pattern.b, level)
+                done(name, nm_mask(scorer, pattern.a, pattern.b, level, apply), fused=True)
             elif spec.scope == "global":  # type: ignore[attr-defined]
                 groups.setdefault(id(spec), []).append(name)
             else:
                 units = _units(scorer, pattern)
                 select([units], level * tensor.numel())
-                masks[name] = units.element_mask()
+                done(name, units.element_mask())
         for names in groups.values():
             group = [_units(Scorer(sparsifier, n, tensors[n]), sparsifier.spec_for(n).parsed_pattern) for n in names]  # type: ignore[attr-defined]
             select(group, sum(levels[n] * tensors[n].numel() for n in names))
             for n, units in zip(names, group):
-                masks[n] = units.element_mask()
+                done(n, units.element_mask())
     return {n: masks[n] for n in tensors}
 
 
@@ -623,17 +697,68 @@ def data_norm_view(tensor: Tensor) -> Tensor:
     return view2d(tensor)
 
 
+def block_means_into(n: Tensor, block: tuple[int, int], out: Tensor) -> None:
+    """Mean of each aligned block of ``n`` (ragged edge blocks: over the elements they have) into
+    ``out`` (blocks of rows x blocks of cols), bit for bit what ``avg_pool2d(ceil_mode=True)``
+    gives: on CPU, for blocks of up to 16 elements, by adding the strided element planes in its
+    order (row by row, left to right) and dividing by the count, with no padded copy."""
+    h, w = block
+    if not n.is_cpu or h * w > 16:
+        out.copy_(F.avg_pool2d(n[None, None], block, stride=block, ceil_mode=True)[0, 0])
+        return
+    a, o = _np(n), _np(out)
+    rows, cols = a.shape
+    np.copyto(o, a[::h, ::w])
+    for i in range(h):
+        for j in range(w):
+            if i or j:
+                part = a[i::h, j::w]
+                dst = o[: part.shape[0], : part.shape[1]]
+                np.add(dst, part, out=dst)
+    rf, cf = rows // h, cols // w  # blocks of full height / width
+    np.divide(o[:rf, :cf], h * w, out=o[:rf, :cf])
+    if cf < o.shape[1]:
+        np.divide(o[:rf, cf:], h * (cols - cf * w), out=o[:rf, cf:])
+    if rf < o.shape[0]:
+        np.divide(o[rf:, :cf], (rows - rf * h) * w, out=o[rf:, :cf])
+        if cf < o.shape[1]:
+            np.divide(o[rf:, cf:], (rows - rf * h) * (cols - cf * w), out=o[rf:, cf:])
+
+
+def _expand_into(blocks: Tensor, h: int, w: int, out: Tensor) -> None:
+    """Write the element mask of per-block ``blocks`` into ``out`` (a contiguous band of rows)."""
+    rows, cols = out.shape
+    word = {2: np.uint16, 4: np.uint32, 8: np.uint64}.get(w) if np.little_endian else None
+    if h == 1 and word is not None and cols == blocks.shape[1] * w and out.is_cpu and out.is_contiguous():
+        # each block's bool byte times 0x0101..01 is its w element bytes at once
+        ones = word(int.from_bytes(b"\x01" * w, "little"))
+        np.multiply(_np(blocks).reshape(-1).view(np.uint8), ones, out=_np(out).reshape(-1).view(word))
+        return
+    out.copy_(expand_blocks(blocks, h, w, rows, cols))
+
+
 def data_norm_mask(
-    name: str, tensor: Tensor, level: float, block: tuple[int, int], zeros_per_block: int, norm: str
+    name: str,
+    tensor: Tensor,
+    level: float,
+    block: tuple[int, int],
+    zeros_per_block: int,
+    norm: str,
+    apply: bool = False,
 ) -> Tensor:
     """The seed's ``DataNormSparsifier.update_mask``, vectorised and band by band: prune the
     ``round(level * blocks)`` blocks of lowest mean norm (|x| or x*x), and inside each of them the
-    ``zeros_per_block`` elements of lowest norm (a ragged block: at most all it has)."""
+    ``zeros_per_block`` elements of lowest norm (a ragged block: at most all it has).
+
+    Block means go straight into one buffer (a quarter of the tensor's bytes for 1x4 blocks);
+    the element mask is then written band by band and, with ``apply``, each band of the tensor is
+    masked while it is in cache."""
     x2 = data_norm_view(tensor.detach())
     rows, cols = x2.shape
     h, w = block
     per_block = h * w
     band = h * max(1, CHUNK // max(1, h * cols))
+    rb, cb = -(-rows // h), -(-cols // w)
 
     def norms(r0: int, r1: int) -> Tensor:
         x = x2[r0:r1].to(torch.float32)
@@ -643,38 +768,41 @@ def data_norm_mask(
         return n
 
     with torch.no_grad():
-        means = torch.cat(
-            [
-                F.avg_pool2d(norms(r0, min(rows, r0 + band))[None, None], block, stride=block, ceil_mode=True)[0, 0]
-                for r0 in range(0, rows, band)
-            ]
-        )
-        rb, cb = means.shape
+        means = torch.empty(rb, cb, dtype=torch.float32, device=tensor.device)
+        for r0 in range(0, rows, band):
+            r1 = min(rows, r0 + band)
+            block_means_into(norms(r0, r1), block, means[r0 // h : r0 // h + -(-(r1 - r0) // h)])
         units = _Given(means.view(-1))
         select([units], level * units.n)
         kept_blocks = units.mask.view(rb, cb)
         del means, units
-        if zeros_per_block >= per_block:
-            return expand_blocks(kept_blocks, h, w, rows, cols).view(tensor.shape)
         mask = torch.empty(rows, cols, dtype=torch.bool, device=tensor.device)
         if zeros_per_block <= 0:
             return mask.fill_(True).view(tensor.shape)
+        fused = apply and tensor.is_contiguous()  # then x2 is a view of the tensor
         for r0 in range(0, rows, band):
             r1 = min(rows, r0 + band)
-            n = norms(r0, r1)
             nb = -(-(r1 - r0) // h)
-            if (r1 - r0) % h or cols % w:  # ragged: pad with +inf, which ranks after every norm
-                padded = torch.full((nb * h, cb * w), math.inf, device=n.device)
-                padded[: r1 - r0, :cols] = n
-                n = padded
-            groups = n.view(nb, h, cb, w).permute(0, 2, 1, 3).reshape(nb * cb, per_block)
-            inside = torch.empty(nb * cb, per_block, dtype=torch.bool, device=mask.device)
-            rank_keep(groups, zeros_per_block, inside)
             blocks = kept_blocks[r0 // h : r0 // h + nb]
-            if inside.is_cpu:
-                np.logical_or(_np(inside), _np(blocks.reshape(-1, 1)), out=_np(inside))
+            if zeros_per_block >= per_block:
+                _expand_into(blocks, h, w, mask[r0:r1])
             else:
-                inside |= blocks.reshape(-1, 1)
-            full = inside.view(nb, cb, h, w).permute(0, 2, 1, 3).reshape(nb * h, cb * w)
-            mask[r0:r1] = full[: r1 - r0, :cols]
+                n = norms(r0, r1)
+                if (r1 - r0) % h or cols % w:  # ragged: pad with +inf, which ranks after every norm
+                    padded = torch.full((nb * h, cb * w), math.inf, device=n.device)
+                    padded[: r1 - r0, :cols] = n
+                    n = padded
+                groups = n.view(nb, h, cb, w).permute(0, 2, 1, 3).reshape(nb * cb, per_block)
+                inside = torch.empty(nb * cb, per_block, dtype=torch.bool, device=mask.device)
+                rank_keep(groups, zeros_per_block, inside)
+                if inside.is_cpu:
+                    np.logical_or(_np(inside), _np(blocks.reshape(-1, 1)), out=_np(inside))
+                else:
+                    inside |= blocks.reshape(-1, 1)
+                full = inside.view(nb, cb, h, w).permute(0, 2, 1, 3).reshape(nb * h, cb * w)
+                mask[r0:r1] = full[: r1 - r0, :cols]
+            if fused:
+                apply_mask_(x2[r0:r1], mask[r0:r1])
+        if apply and not fused:
+            apply_mask_(tensor, mask.view(tensor.shape))
     return mask.view(tensor.shape)

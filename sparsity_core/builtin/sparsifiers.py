@@ -83,6 +83,16 @@ class DataNorm(Sparsifier):
     def compute_masks(
         self, tensors: Mapping[str, torch.Tensor], levels: Mapping[str, float]
     ) -> dict[str, torch.Tensor]:
+        return self.masks_applied(tensors, levels, None)
+
+    def masks_applied(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        levels: Mapping[str, float],
+        applied: dict[str, torch.Tensor] | None,
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`compute_masks`; with ``applied`` (a dict) each tensor is also masked in place,
+        band by band while in cache, and its mask recorded there as soon as it is done."""
         from .._engine import data_norm_mask
 
         masks = {}
@@ -91,7 +101,11 @@ class DataNorm(Sparsifier):
             assert isinstance(spec, DataNormSpec)
             block = spec.sparse_block_shape
             zeros = block[0] * block[1] if spec.zeros_per_block is None else spec.zeros_per_block
-            masks[name] = data_norm_mask(name, tensor, float(levels[name]), block, zeros, spec.norm)
+            masks[name] = data_norm_mask(
+                name, tensor, float(levels[name]), block, zeros, spec.norm, apply=applied is not None
+            )
+            if applied is not None:
+                applied[name] = masks[name]
         return masks
 
 
