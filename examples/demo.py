@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import time
@@ -34,9 +35,6 @@ from sparsity_core import SparsityReport  # noqa: E402
 from sparsity_core.lightning import PostTrainingSparsity, TrainingAwareSparsity  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "out"
-DENSE_EPOCHS = 10
-SPARSE_EPOCHS = 15
-SCHEDULE = {"start": 0, "end": 10}  # epochs of the sparse phase; then 5 epochs of fine-tuning
 LEVEL = 0.9
 
 
@@ -79,14 +77,16 @@ def test_accuracy(network: nn.Module, data: DigitsDataModule) -> float:
         network.train(was_training)
 
 
-def plot(rows: list[tuple[int, float, float]], path: Path, dense_acc: float, sparse_acc: float) -> None:
+def plot(
+    rows: list[tuple[int, float, float]], path: Path, dense_acc: float, sparse_acc: float, dense_epochs: int, sparse_epochs: int
+) -> None:
     epochs = [r[0] for r in rows]
     fig, ax_acc = plt.subplots(figsize=(8, 4.5), dpi=120)
     ax_sp = ax_acc.twinx()
-    ax_acc.axvspan(0.5, DENSE_EPOCHS + 0.5, color="0.93", zorder=0)
+    ax_acc.axvspan(0.5, dense_epochs + 0.5, color="0.93", zorder=0)
     top = ax_acc.get_xaxis_transform()  # x in data, y in axes fraction
-    ax_acc.text(DENSE_EPOCHS / 2 + 0.5, 0.96, "dense training", ha="center", color="0.35", transform=top)
-    ax_acc.text(DENSE_EPOCHS + SPARSE_EPOCHS / 2 + 0.5, 0.96, "TrainingAwareSparsity (magnitude, cubic)",
+    ax_acc.text(dense_epochs / 2 + 0.5, 0.96, "dense training", ha="center", color="0.35", transform=top)
+    ax_acc.text(dense_epochs + sparse_epochs / 2 + 0.5, 0.96, "TrainingAwareSparsity (magnitude, cubic)",
                 ha="center", color="0.35", transform=top)
     acc_line = ax_acc.plot(epochs, [r[1] for r in rows], "o-", color="tab:blue", label="validation accuracy")
     sp_line = ax_sp.plot(epochs, [r[2] for r in rows], "s--", color="tab:red", label="weight sparsity")
@@ -106,7 +106,19 @@ def plot(rows: list[tuple[int, float, float]], path: Path, dense_acc: float, spa
     plt.close(fig)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Gradual magnitude pruning of a digits MLP to 90% sparsity.")
+    parser.add_argument("--dense-epochs", type=int, default=10, help="dense training epochs (default 10)")
+    parser.add_argument("--sparse-epochs", type=int, default=15, help="epochs with TrainingAwareSparsity (default 15)")
+    parser.add_argument("--out", type=Path, default=OUT / "demo.png", help="where to write the plot (default out/demo.png)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    DENSE_EPOCHS, SPARSE_EPOCHS = args.dense_epochs, args.sparse_epochs  # noqa: N806
+    # the level rises over the first two thirds of the sparse phase; the rest fine-tunes
+    SCHEDULE = {"start": 0, "end": max(1, round(SPARSE_EPOCHS * 2 / 3))}  # noqa: N806
     started = time.perf_counter()
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # keep the output to the point
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")  # inside Lightning, not ours
@@ -150,8 +162,8 @@ def main() -> None:
         print(f"  {label:<{width}}  {acc:.2%}")
     print(f"nonzero weights: {sparsity.report.numel - sum(r.zeros for r in sparsity.report.rows):,} "
           f"of {sparsity.report.numel:,}")
-    path = OUT / "demo.png"
-    plot(dense_history.rows + sparse_history.rows, path, dense_acc, sparse_acc)
+    path = args.out
+    plot(dense_history.rows + sparse_history.rows, path, dense_acc, sparse_acc, DENSE_EPOCHS, SPARSE_EPOCHS)
     print(f"plot of sparsity and validation accuracy per epoch: {path}")
     print(f"done in {time.perf_counter() - started:.0f} s")
 
