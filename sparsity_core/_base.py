@@ -56,7 +56,9 @@ class _SpecSlot:
         return titled
 
 
-def _validate_spec(cls: Any, spec: BaseModel | Mapping[str, Any] | None, fields: dict[str, Any]) -> Any:
+def validate_spec(cls: Any, spec: BaseModel | Mapping[str, Any] | None, fields: dict[str, Any]) -> Any:
+    """``cls.Spec`` validated from a dict, a spec instance (of this model or a base) or None,
+    with ``fields`` on top. Invalid values raise pydantic's ValidationError titled ``cls.name``."""
     if spec is None:
         data: dict[str, Any] = {}
     elif isinstance(spec, BaseModel):
@@ -84,7 +86,7 @@ class _Implementation(ABC):
             cls.Spec = _SpecSlot(raw.raw if isinstance(raw, _SpecSlot) else raw)  # type: ignore[assignment]
 
     def __init__(self, spec: BaseModel | Mapping[str, Any] | None = None, /, **fields: Any) -> None:
-        self.spec = _validate_spec(type(self), spec, fields)
+        self.spec = validate_spec(type(self), spec, fields)
 
     @classmethod
     def summary(cls) -> str:

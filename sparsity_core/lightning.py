@@ -23,7 +23,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ._api import resolve_class
-from ._base import Scheduler, Sparsifier
+from ._base import Scheduler, Sparsifier, validate_spec
 from ._controller import SparsityController
 from ._report import SparsityReport
 from ._specs import SchedulerSpec, SparsifierSpec
@@ -49,15 +49,7 @@ def _validated(kind: str, impl: str | type, args: Any) -> tuple[type, BaseModel]
             f"separately, so that it is created at train start"
         )
     cls = resolve_class(kind, impl)  # type: ignore[arg-type]
-    if args is None:
-        data: dict[str, Any] = {}
-    elif isinstance(args, BaseModel):
-        data = args.model_dump(exclude_unset=True)
-    elif isinstance(args, Mapping):
-        data = dict(args)
-    else:
-        raise TypeError(f"{kind}_args must be a dict or a {cls.Spec.__name__} instance, got {type(args).__name__}")
-    return cls, cls.Spec.model_validate(data)
+    return cls, validate_spec(cls, args, {})
 
 
 def _label(impl: str | type) -> str:
