@@ -449,11 +449,13 @@ def _select_bracketed(units: Sequence[_Units], target: float, size: int) -> bool
         ties = np.searchsorted(ordered, at_q, "right") - np.searchsorted(ordered, at_q, "left")
         if ties > 2 * spread:  # a tie mass (zeros, say) straddles the cut
             return _select_ties(units, at_q, min(max(round(target / size), 0), total))
+    del index, parts, sample, ordered  # the pass is the peak: nothing of the sample outlives it
 
-    # Candidates go to buffers allocated once: small long-lived allocations between the pieces'
-    # temporaries would keep the allocator from reusing their memory (the heap then grows by
-    # about the size of every score ever made).
-    cap = max(1 << 16, 3 * (hi_rank - lo_rank) * total // (2 * n_sample))
+    # Candidates go to buffers allocated once, sized for the expected count plus a margin of
+    # about five standard deviations (grown in the rare case it is not enough): small
+    # long-lived allocations between the pieces' temporaries would keep the allocator from
+    # reusing their memory (the heap then grows by about the size of every score ever made).
+    cap = max(1 << 16, 9 * (hi_rank - lo_rank) * total // (8 * n_sample))
     pos_buf = torch.empty(cap, dtype=torch.int32 if max(u.n for u in units) < 2**31 else torch.int64)
     val_buf = torch.empty(cap, dtype=torch.float32)
     size_buf = torch.empty(cap if not size else 0, dtype=torch.int64)
@@ -468,7 +470,11 @@ def _select_bracketed(units: Sequence[_Units], target: float, size: int) -> bool
             pos = _in_bracket(s, m, lo)
             c = pos.numel()
             if n_cand + c > cap:
-                return False
+                cap = max(cap * 3 // 2, n_cand + c)
+                if cap > total // 8:  # the bracket is far too wide (ties): the exact path
+                    return False
+                pos_buf, val_buf = _grown(pos_buf, cap, n_cand), _grown(val_buf, cap, n_cand)
+                size_buf = size_buf if size else _grown(size_buf, cap, n_cand)
             if size:
                 below += s.numel() - _count(m) - c
             else:
@@ -502,6 +508,12 @@ def _select_bracketed(units: Sequence[_Units], target: float, size: int) -> bool
         pos = pos_buf[first:last][keep[first:last]].long()
         units[i].mask[pos.to(units[i].mask.device)] = True
     return True
+
+
+def _grown(buf: Tensor, cap: int, used: int) -> Tensor:
+    out = torch.empty(cap, dtype=buf.dtype, device=buf.device)
+    out[:used] = buf[:used]
+    return out
 
 
 def _select_ties(units: Sequence[_Units], value: float, k: int) -> bool:

@@ -5,7 +5,38 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+
+_FLOAT_BITS = {torch.float32: np.int32, torch.float64: np.int64, torch.float16: np.int16}
+_NUMPY_DTYPES = (*_FLOAT_BITS, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+_PIECE = 1 << 18
+
+
+def _count_nonzero(t: torch.Tensor) -> int:
+    """Nonzero elements of ``t``, at about the speed of one read on CPU.
+
+    A contiguous float tensor is counted through its bits, in cache-sized pieces: shifting out
+    the sign bit leaves zero exactly for +0.0 and -0.0 (masking a negative weight gives -0.0),
+    and NumPy counts nonzero integers several times faster than floats; ``torch.count_nonzero``
+    is slower still. Other CPU dtypes NumPy has: ``np.count_nonzero``; the rest (bf16, GPU): torch.
+    """
+    if not t.is_cpu or t.dtype not in _NUMPY_DTYPES or t.is_conj() or t.is_neg():
+        return int(torch.count_nonzero(t))
+    array = t.numpy()
+    bits = _FLOAT_BITS.get(t.dtype)
+    if bits is None or not array.flags.c_contiguous:
+        return int(np.count_nonzero(array))
+    flat = array.reshape(-1).view(bits)
+    buf = np.empty(min(_PIECE, flat.size), dtype=bits)
+    count = 0
+    for start in range(0, flat.size, _PIECE):
+        piece = flat[start : start + _PIECE]
+        out = buf[: piece.size]
+        np.left_shift(piece, 1, out=out)
+        count += int(np.count_nonzero(out))
+    return count
 
 
 @dataclass(frozen=True)
@@ -31,8 +62,7 @@ class SparsityReport(Mapping[str, float]):
     def measure(cls, tensors: Mapping[str, torch.Tensor]) -> SparsityReport:
         rows = []
         for name, t in tensors.items():
-            zeros = int(t.numel() - torch.count_nonzero(t.detach()))
-            rows.append(Row(name, tuple(t.shape), t.numel(), zeros))
+            rows.append(Row(name, tuple(t.shape), t.numel(), t.numel() - _count_nonzero(t.detach())))
         return cls(rows)
 
     def __getitem__(self, name: str) -> float:
