@@ -5,7 +5,8 @@
 
 Every case runs in a fresh subprocess on one thread (``torch.set_num_threads(1)``) over a model of
 ``nn.Linear`` layers (4096 x 4096 when large enough). Time: the best of ``--repeat`` runs for ours
-(weights re-drawn in place between runs), one run for the slow anchors.
+(weights re-drawn in place between runs), one run for the slow anchors. The machine may be shared:
+run the script at least twice and compare medians across runs.
 
 Peak extra memory, honestly: before a case the subprocess resets the kernel's peak-RSS counter
 (``echo 5 > /proc/self/clear_refs``), notes its current RSS, runs the case, and reads the peak
@@ -179,7 +180,17 @@ def run_case(case: str, params: float, repeat: int) -> dict[str, Any]:
 
 
 def run_apply(repeat: int) -> dict[str, Any]:
-    """Per-step cost of keeping a ~5M-parameter MLP sparse, as a fraction of its training step."""
+    """Per-step cost of keeping a ~5M-parameter MLP sparse, as a fraction of its training step.
+
+    Everything on one thread (``torch.set_num_threads(1)``: the step and the re-apply alike),
+    batch 128, SGD with momentum, 90% magnitude masks on the three Linear weights. The re-apply
+    is timed where it runs in training, right after ``optimizer.step()`` (not in a hot loop over
+    cached data), interleaved with dense steps; every figure is a median over ``repeat`` rounds.
+    Beside it, one read+write pass (``w.mul_(1)``) over the same weights, timed the same way:
+    the floor for anything that touches every masked weight once per step.
+    """
+    import statistics
+
     import torch
     import torch.nn.utils.prune as prune
     from torch import nn
@@ -196,49 +207,60 @@ def run_apply(repeat: int) -> dict[str, Any]:
 
     x, y = torch.randn(128, 1024), torch.randn(128, 512)
 
+    def one_step(model: nn.Module, opt: torch.optim.Optimizer) -> float:
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        return time.perf_counter() - t0
+
     def steps(model: nn.Module, opt: torch.optim.Optimizer, n: int) -> float:
-        best = math.inf
-        for _ in range(n):
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            nn.functional.mse_loss(model(x), y).backward()
-            opt.step()
-            best = min(best, time.perf_counter() - t0)
-        return best
+        for _ in range(3):
+            one_step(model, opt)
+        return statistics.median(one_step(model, opt) for _ in range(n))
 
     out: dict[str, Any] = {}
     model = mlp()
     out["params"] = sum(p.numel() for p in model.parameters())
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    steps(model, opt, 3)
-    out["dense step"] = base = steps(model, opt, repeat)
-
     c = sc.SparsityController(model, "magnitude", {"sparsity_level": 0.9})
     c.step()
-    best = math.inf
-    for _ in range(max(repeat, 20)):
+    weights = list(c.tensors.values())
+    dense, apply, floor = [], [], []
+    for _ in range(3):
+        one_step(model, opt)
+    for _ in range(max(repeat, 30)):
+        dense.append(one_step(model, opt))
         t0 = time.perf_counter()
         c.apply_masks()
-        best = min(best, time.perf_counter() - t0)
-    out["ours: apply_masks"] = best
+        apply.append(time.perf_counter() - t0)
+        one_step(model, opt)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for w in weights:
+                w.mul_(1)
+        floor.append(time.perf_counter() - t0)
+        c.apply_masks()
+    out["dense step"] = base = statistics.median(dense)
+    out["ours: apply_masks after a step"] = statistics.median(apply)
+    out["one pass over the masked weights"] = statistics.median(floor)
+    assert all(not w[~m].any() for w, m in zip(weights, c.masks.values()))
     c.attach(opt)
-    out["ours: step with hook"] = steps(model, opt, repeat)
+    out["ours: step with hook"] = steps(model, opt, max(repeat, 30))
 
     m2 = mlp()
     for layer in m2:
         if isinstance(layer, nn.Linear):
             prune.l1_unstructured(layer, "weight", amount=0.9)
     opt2 = torch.optim.SGD(m2.parameters(), lr=1e-3, momentum=0.9)
-    steps(m2, opt2, 3)
-    out["torch prune: step with hooks"] = steps(m2, opt2, repeat)
+    out["torch prune: step with hooks"] = steps(m2, opt2, max(repeat, 30))
 
     m3 = mlp()
     s = WeightNormSparsifier(sparsity_level=0.9, sparse_block_shape=(1, 1), zeros_per_block=1)
     s.prepare(m3, [{"tensor_fqn": f"{i}.weight"} for i in (0, 2, 4)])
     s.step()
     opt3 = torch.optim.SGD(m3.parameters(), lr=1e-3, momentum=0.9)
-    steps(m3, opt3, 3)
-    out["torch.ao: step with parametrizations"] = steps(m3, opt3, repeat)
+    out["torch.ao: step with parametrizations"] = steps(m3, opt3, max(repeat, 30))
     out["base"] = base
     return out
 
@@ -299,6 +321,7 @@ def main() -> None:
     console.print(table)
 
     verdicts = []
+    notes: list[str] = []
     for case, (vs_pass, pass_ratio, anchor, anchor_ratio) in GOALS.items():
         r = results.get(case, {})
         if "seconds" not in r:
@@ -314,19 +337,44 @@ def main() -> None:
         if "extra_bytes" in r:
             x = r["extra_bytes"] / r["model_bytes"]
             verdicts.append((f"{case}: peak extra memory <= {MEMORY_GOAL:g}x model bytes", f"{x:.3f}x", x <= MEMORY_GOAL))
+            if x > MEMORY_GOAL:
+                notes.append(
+                    f"{case}: peak extra {x:.3f}x model bytes. The bool masks alone are 0.25x (one byte per fp32 "
+                    "weight, all alive at once); the rest is candidate buffers (about 1% of the weights), pieces in "
+                    "flight and memory the C allocator keeps after frees, which varies by a few hundredths between runs."
+                )
 
     console.print("running apply-after-step ...", style="dim")
     a = _child(["--apply", "--repeat", str(max(args.repeat, 5))])
     if "error" not in a:
-        t2 = Table(title=f"Keeping a {a['params'] / 1e6:.1f}M-param MLP sparse (batch 128, SGD), per training step")
+        t2 = Table(
+            title=f"Keeping a {a['params'] / 1e6:.1f}M-param MLP sparse per training step "
+            "(batch 128, SGD momentum, one thread for step and re-apply alike; medians)"
+        )
         t2.add_column("what")
         t2.add_column("seconds", justify="right")
         t2.add_column("x dense step", justify="right")
-        for k in ("dense step", "ours: apply_masks", "ours: step with hook", "torch prune: step with hooks", "torch.ao: step with parametrizations"):
+        for k in (
+            "dense step",
+            "ours: apply_masks after a step",
+            "one pass over the masked weights",
+            "ours: step with hook",
+            "torch prune: step with hooks",
+            "torch.ao: step with parametrizations",
+        ):
             t2.add_row(k, f"{a[k]:.4f}", f"{a[k] / a['base']:.3f}")
         console.print(t2)
-        frac = a["ours: apply_masks"] / a["base"]
+        frac = a["ours: apply_masks after a step"] / a["base"]
+        floor = a["one pass over the masked weights"] / a["base"]
         verdicts.append((f"re-applying masks <= {APPLY_GOAL:.0%} of a training step", f"{frac:.1%}", frac <= APPLY_GOAL))
+        if frac > APPLY_GOAL:
+            notes.append(
+                f"Re-applying masks costs {frac:.1%} of a step; one read+write pass over the same weights alone costs "
+                f"{floor:.1%}. The re-apply is that pass (one NumPy multiply by the bool mask per tensor: float x "
+                "bool runs as fast as a copy; torch's mul_/masked_fill_/where measured 3-4x slower) and must touch "
+                "every masked weight after every step (the optimizer moves every pruned weight that has a gradient), "
+                "so at this batch size and thread count the goal is below the memory floor."
+            )
     else:
         console.print(f"apply-after-step failed: {a['error']}", style="red")
 
@@ -337,6 +385,8 @@ def main() -> None:
     for goal, measured, ok in verdicts:
         t3.add_row(goal, measured, "[green]met[/]" if ok else "[red]not met[/]")
     console.print(t3)
+    for note in notes:
+        console.print(f"note: {note}")
 
 
 if __name__ == "__main__":

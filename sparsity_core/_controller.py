@@ -87,6 +87,8 @@ class SparsityController:
         self._hooks: list[Any] = []
         # name -> (mask, tensor version, data pointer) when this controller last masked the tensor
         self._masked: dict[str, tuple[torch.Tensor, int, int]] = {}
+        # name -> (mask, whether it prunes anything)
+        self._pruning: dict[str, tuple[torch.Tensor, bool]] = {}
 
     # -- schedule ----------------------------------------------------------------------------
     def levels_at(self, t: float) -> dict[str, float]:
@@ -143,8 +145,17 @@ class SparsityController:
         than torch's bool-to-float promotion). Always a full pass: an optimizer may write the
         weights without telling autograd (fused optimizers do not bump the version counter)."""
         for name, mask in self.masks.items():
-            apply_mask_(self.tensors[name], mask)
+            if self._prunes(name, mask):
+                apply_mask_(self.tensors[name], mask)
             self._note_masked(name, mask)
+
+    def _prunes(self, name: str, mask: torch.Tensor) -> bool:
+        """Whether ``mask`` prunes anything (worked out once per mask object): an all-True mask
+        (a tensor at level 0, early in a schedule) costs no pass over its tensor."""
+        known = self._pruning.get(name)
+        if known is None or known[0] is not mask:
+            known = self._pruning[name] = (mask, not bool(mask.all()))
+        return known[1]
 
     def _note_masked(self, name: str, mask: torch.Tensor) -> None:
         tensor = self.tensors[name]
@@ -189,6 +200,7 @@ class SparsityController:
                     apply_mask_(self.tensors[name], mask)
         self.masks = {}
         self._masked = {}
+        self._pruning = {}
         self.detach()
 
     # -- calibration -------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -115,3 +116,47 @@ def test_a_mapping_of_tensors_is_a_target():
     c = SparsityController(tensors, "data_norm", {"sparsity_level": 0.5})
     c.step()
     assert c.report().overall == pytest.approx(0.5, abs=0.02)
+
+
+def test_squash_after_step_skips_only_tensors_still_masked():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    c = SparsityController(model, "magnitude", {"sparsity_level": 0.5})
+    c.step()
+    masks = dict(c.masks)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # a tracked write: the version counter moves
+        model[1].weight.detach().numpy()[...] += 1.0  # an untracked write: the spot check sees it
+    c.squash()
+    for layer, mask in zip(model, masks.values()):
+        assert not layer.weight[~mask].any()
+
+
+def test_fused_update_matches_compute_then_apply():
+    torch.manual_seed(0)
+    for args in ({"pattern": "2:4"}, {"sparsity_level": 0.7, "scope": "global"}, {"sparsity_level": 0.6, "pattern": "2x2"}):
+        a = torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.Linear(40, 30))
+        b = copy.deepcopy(a)
+        c = SparsityController(a, "magnitude", args)
+        c.step()
+        expected = c.sparsifier.compute_masks({n: p for n, p in b.named_parameters() if n in c.tensors}, c.levels)
+        for (name, mask), pb in zip(c.masks.items(), (b[0].weight, b[1].weight)):
+            assert torch.equal(mask, expected[name])
+            assert torch.equal(c.tensors[name], pb * expected[name])
+    dn = torch.nn.Sequential(torch.nn.Linear(30, 22))
+    ref = copy.deepcopy(dn)
+    c = SparsityController(dn, "data_norm", {"sparsity_level": 0.5, "sparse_block_shape": (1, 4), "zeros_per_block": 2})
+    c.step()
+    mask = c.masks["0.weight"]
+    assert torch.equal(dn[0].weight, ref[0].weight * mask)
+
+
+def test_all_true_masks_cost_no_pass():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    c = SparsityController(model, "magnitude", {"sparsity_level": 0.0})
+    c.update_masks()
+    assert c.masks["0.weight"].all()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    c.apply_masks()
+    assert (model[0].weight == 1.0).all()
