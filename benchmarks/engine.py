@@ -340,8 +340,9 @@ def main() -> None:
             if x > MEMORY_GOAL:
                 notes.append(
                     f"{case}: peak extra {x:.3f}x model bytes. The bool masks alone are 0.25x (one byte per fp32 "
-                    "weight, all alive at once); the rest is candidate buffers (about 1% of the weights), pieces in "
-                    "flight and memory the C allocator keeps after frees, which varies by a few hundredths between runs."
+                    "weight, all alive at once); the rest is candidate buffers (about 1% of the weights), data_norm's "
+                    "block means of the tensor in hand (a quarter of its bytes for 1x4), pieces in flight and memory "
+                    "the C allocator keeps after frees, which varies by a few hundredths between runs."
                 )
 
     console.print("running apply-after-step ...", style="dim")
@@ -370,9 +371,10 @@ def main() -> None:
         if frac > APPLY_GOAL:
             notes.append(
                 f"Re-applying masks costs {frac:.1%} of a step; one read+write pass over the same weights alone costs "
-                f"{floor:.1%}. The re-apply is that pass (one NumPy multiply by the bool mask per tensor: float x "
-                "bool runs as fast as a copy; torch's mul_/masked_fill_/where measured 3-4x slower) and must touch "
-                "every masked weight after every step (the optimizer moves every pruned weight that has a gradient), "
+                f"{floor:.1%}. The re-apply is one NumPy multiply by the bool mask per tensor (it reads the mask as "
+                "well, and NumPy casts bool to float in buffers; torch's mul_/masked_fill_/where measured 3-4x slower), "
+                "and it must touch every masked weight after every step (the optimizer moves every pruned weight that "
+                "has a gradient). Even the bare pass is above the goal at this batch size and thread count, "
                 "so at this batch size and thread count the goal is below the memory floor."
             )
     else:
