@@ -374,8 +374,8 @@ def main() -> None:
                 f"{floor:.1%}. The re-apply is one NumPy multiply by the bool mask per tensor (it reads the mask as "
                 "well, and NumPy casts bool to float in buffers; torch's mul_/masked_fill_/where measured 3-4x slower), "
                 "and it must touch every masked weight after every step (the optimizer moves every pruned weight that "
-                "has a gradient). Even the bare pass is above the goal at this batch size and thread count, "
-                "so at this batch size and thread count the goal is below the memory floor."
+                "has a gradient). Even that bare pass is above the goal here, so the goal is below the memory floor "
+                "for this model at batch 128 on one thread."
             )
     else:
         console.print(f"apply-after-step failed: {a['error']}", style="red")
