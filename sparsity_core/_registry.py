@@ -150,8 +150,8 @@ class Registry:
             deny = _env_list(env, "SPARSITY_DISABLE_PLUGINS") or set()
             for ep in self._entry_points():
                 dist = getattr(ep, "dist", None)
-                dist_name = dist.metadata["Name"] if dist is not None else None
-                version = dist.version if dist is not None else None
+                meta = dist.metadata if dist is not None else None  # parses METADATA: once
+                dist_name, version = (meta["Name"], meta["Version"]) if meta is not None else (None, None)
                 keys = {normalize(ep.name)} | ({normalize(dist_name)} if dist_name else set())
                 reason = None
                 if not autoload:

@@ -47,7 +47,7 @@ def parse_pattern(text: str) -> Pattern:
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, defer_build=True)
 
 
 #: Fields that select names; an override cannot change them (it is already a selection).
