@@ -55,8 +55,14 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (model(x).argmax(1) == y).float().mean().item()
 
 
-def compare(levels: tuple[float, ...] = LEVELS, seeds: tuple[int, ...] = (0,), standardize: bool = True) -> dict[str, list[list[float]]]:
-    """Per method ("dense", "magnitude", "wanda"): [per level: [per seed: test accuracy]]."""
+def compare(
+    levels: tuple[float, ...] = LEVELS,
+    seeds: tuple[int, ...] = (0,),
+    standardize: bool = True,
+    args: dict[str, object] | None = None,
+) -> dict[str, list[list[float]]]:
+    """Per method ("dense", "magnitude", "wanda"): [per level: [per seed: test accuracy]].
+    ``args``: further sparsifier arguments given to both methods (e.g. ``{"scope": "global"}``)."""
     out: dict[str, list[list[float]]] = {m: [[] for _ in levels] for m in ("dense", *METHODS)}
     for seed in seeds:
         x_tr, y_tr, x_te, y_te = load(seed, standardize)
@@ -67,7 +73,7 @@ def compare(levels: tuple[float, ...] = LEVELS, seeds: tuple[int, ...] = (0,), s
             out["dense"][i].append(dense)
             for method in METHODS:
                 pruned = copy.deepcopy(model)
-                sparsify(pruned, method, {"sparsity_level": level}, calibration=calibration)
+                sparsify(pruned, method, {"sparsity_level": level, **(args or {})}, calibration=calibration)
                 out[method][i].append(accuracy(pruned, x_te, y_te))
     return out
 
