@@ -2,6 +2,7 @@
 
     python benchmarks/engine.py --params 100e6          # the setting (takes a few minutes)
     python benchmarks/engine.py --params 10e6 --quick   # a smoke run
+    python benchmarks/engine.py --only "data_norm 1x4"  # some cases (beside the pass) only
 
 Every case runs in a fresh subprocess on one thread (``torch.set_num_threads(1)``) over a model of
 ``nn.Linear`` layers (4096 x 4096 when large enough). Time: the best of ``--repeat`` runs for ours
@@ -278,6 +279,7 @@ def main() -> None:
     parser.add_argument("--params", type=float, default=100e6, help="weights in the Linear model (default 100e6)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per case of ours (best is kept)")
     parser.add_argument("--quick", action="store_true", help="skip the slow anchors")
+    parser.add_argument("--only", help="comma-separated cases to run (the pass always runs); skips the re-apply table")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--apply", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -301,8 +303,15 @@ def main() -> None:
         "magnitude global 90%, masks kept",
     ]
     anchors = ["prune.global_unstructured", "torch.ao WeightNormSparsifier", "torch.ao DataNormSparsifier"]
+    todo = cases + ([] if args.quick else anchors)
+    if args.only:
+        wanted = [c.strip() for c in args.only.split(",")]
+        unknown = [c for c in wanted if c not in todo]
+        if unknown:
+            raise SystemExit(f"unknown case(s) {unknown}; choose from {todo}")
+        todo = ["pass"] + [c for c in todo if c in wanted and c != "pass"]
     results: dict[str, dict[str, Any]] = {}
-    for case in cases + ([] if args.quick else anchors):
+    for case in todo:
         console.print(f"running {case} ...", style="dim")
         results[case] = _child(["--case", case, "--params", str(args.params), "--repeat", str(args.repeat)])
     passed = results["pass"]
@@ -341,12 +350,14 @@ def main() -> None:
                 notes.append(
                     f"{case}: peak extra {x:.3f}x model bytes. The bool masks alone are 0.25x (one byte per fp32 "
                     "weight, all alive at once); the rest is candidate buffers (about 1% of the weights), data_norm's "
-                    "block means of the tensor in hand (a quarter of its bytes for 1x4), pieces in flight and memory "
+                    "block means of the band in hand (never of a whole tensor), pieces in flight and memory "
                     "the C allocator keeps after frees, which varies by a few hundredths between runs."
                 )
 
-    console.print("running apply-after-step ...", style="dim")
-    a = _child(["--apply", "--repeat", str(max(args.repeat, 5))])
+    a = {"error": ["skipped (--only)"]}
+    if not args.only:
+        console.print("running apply-after-step ...", style="dim")
+        a = _child(["--apply", "--repeat", str(max(args.repeat, 5))])
     if "error" not in a:
         t2 = Table(
             title=f"Keeping a {a['params'] / 1e6:.1f}M-param MLP sparse per training step "
@@ -377,7 +388,7 @@ def main() -> None:
                 "has a gradient). Even that bare pass is above the goal here, so the goal is below the memory floor "
                 "for this model at batch 128 on one thread."
             )
-    else:
+    elif not args.only:
         console.print(f"apply-after-step failed: {a['error']}", style="red")
 
     t3 = Table(title="Goals")

@@ -27,8 +27,9 @@ How a selection stays near one pass over the weights
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
 import numpy as np
@@ -419,21 +420,27 @@ def _select_bracketed(units: Sequence[_Units], target: float, size: int) -> bool
     """The sampled-bracket selection; returns False (nothing decided) when the bracket misses."""
     total = sum(u.n for u in units)
     # stratified: one random unit in each of SAMPLE equal strides (sorted, so gathers stream)
+    # (made a slice at a time, the same values as in one go: float64 temporaries of the whole
+    # sample would be several times its final size, and the sample phase is a peak of its own)
     gen = torch.Generator().manual_seed(0)
     n_sample = min(SAMPLE, total)
     stride = total / n_sample
-    index = (torch.arange(n_sample, dtype=torch.float64) * stride).long()
-    index += (torch.rand(n_sample, generator=gen, dtype=torch.float64) * stride).long()
+    index = torch.empty(n_sample, dtype=torch.int64)
+    for i0 in range(0, n_sample, 1 << 14):
+        i1 = min(n_sample, i0 + (1 << 14))
+        part = index[i0:i1]
+        part.copy_(torch.arange(i0, i1, dtype=torch.float64).mul_(stride))
+        part += torch.rand(i1 - i0, generator=gen, dtype=torch.float64).mul_(stride).long()
     index.clamp_(max=total - 1)
-    bounds = torch.tensor([0] + [u.n for u in units]).cumsum(0)
+    bounds = [0, *itertools.accumulate(u.n for u in units)]
     parts = []
     for i, u in enumerate(units):
-        lo_i, hi_i = torch.searchsorted(index, bounds[i : i + 2]).tolist()
+        lo_i, hi_i = torch.searchsorted(index, torch.tensor(bounds[i : i + 2])).tolist()
         if hi_i > lo_i:
-            parts.append(u.at(index[lo_i:hi_i] - bounds[i]))
+            parts.append(u.at(index[lo_i:hi_i] - bounds[i] if i else index[lo_i:hi_i]))
         if len(units) > 1:
             u.release()
-    sample = torch.cat(parts)
+    sample = torch.cat(parts) if len(parts) > 1 else parts[0]
     n_sample = sample.numel()
     if size:
         q = min(max(round(target / size), 0), total) / total
@@ -441,7 +448,8 @@ def _select_bracketed(units: Sequence[_Units], target: float, size: int) -> bool
         q = target / sum(int(u.sizes(0, u.n).sum()) if not u.size else u.n * u.size for u in units)
     spread = Z * math.sqrt(n_sample * q * (1 - q))
     lo_rank, hi_rank = math.floor(q * n_sample - spread) - 1, math.ceil(q * n_sample + spread) + 1
-    ordered = np.sort(_np(sample))  # one sort of the sample serves lo, hi and the tie check
+    ordered = _np(sample)  # a fresh tensor: sorted in place, once, it serves lo, hi and the tie check
+    ordered.sort()
     lo = float(ordered[lo_rank]) if lo_rank >= 0 else -math.inf
     hi = float(ordered[hi_rank]) if hi_rank < n_sample else math.inf
     if size:
@@ -681,21 +689,89 @@ def check_masks(sparsifier: Sparsifier, tensors: Mapping[str, Tensor], masks: Ma
 
 
 # -- data_norm (the seed's DataNormSparsifier) -------------------------------------------------
-class _Given(_Units):
-    """Units whose scores are already computed (1-D), each one element of weight."""
+class _BandMeans(_Units):
+    """The blocks of a data_norm tensor, scored by their mean norm, each one unit of weight (torch.ao
+    counts blocks). The means are made band by band of rows whenever :func:`select` reads them and
+    never exist whole: the selection's one pass recomputes them from the weights (no dearer than
+    reading them back), and its sample gathers the few elements of each sampled block."""
 
-    def __init__(self, scores: Tensor) -> None:
-        self.scores = scores
-        self.n = scores.numel()
+    def __init__(self, x2: Tensor, block: tuple[int, int], band: int, norms: Callable[[int, int], Tensor], norm: str) -> None:
+        self.x2, self.block, self.band, self.norms, self.norm = x2, block, band, norms, norm
+        self.rows, self.cols = x2.shape
+        h, w = block
+        self.rb, self.cb = -(-self.rows // h), -(-self.cols // w)
+        self.n = self.rb * self.cb
         self.size = 1
-        self.mask = torch.empty(self.n, dtype=torch.bool, device=scores.device)
+        self.mask = torch.empty(self.n, dtype=torch.bool, device=x2.device)
 
     def pieces(self) -> Iterator[tuple[int, Tensor]]:
-        for start in range(0, self.n, CHUNK):
-            yield start, self.scores[start : start + CHUNK]
+        h = self.block[0]
+        for r0 in range(0, self.rows, self.band):
+            r1 = min(self.rows, r0 + self.band)
+            out = torch.empty(-(-(r1 - r0) // h), self.cb, dtype=torch.float32, device=self.x2.device)
+            block_means_into(self.norms(r0, r1), self.block, out)
+            yield r0 // h * self.cb, out.view(-1)
 
     def at(self, index: Tensor) -> Tensor:
-        return self.scores[index.to(self.scores.device)].cpu()
+        """Means of the blocks at flat ``index``: on CPU for blocks of up to 16 elements, gathered
+        and added in :func:`block_means_into`'s order (bit for bit its values); otherwise from
+        the means of the bands that hold them. Either way the selection's cut is exact: the
+        sample only places its bracket."""
+        h, w = self.block
+        if not self.x2.is_cpu or h * w > 16 or self.x2.dtype not in _NUMPY_FLOATS:
+            return self._at_by_bands(index)
+        a, rows, cols = _np(self.x2), self.rows, self.cols
+        full = not (rows % h or cols % w)
+        out = np.empty(index.numel(), dtype=np.float32)
+        for i0 in range(0, index.numel(), 1 << 14):  # a slice at a time: small temporaries
+            idx = _np(index[i0 : i0 + (1 << 14)])
+            total = out[i0 : i0 + idx.size]
+            if a.flags.c_contiguous and not cols % w:
+                # each block row is w contiguous elements: one row of a (rows * cb) x w view,
+                # the row of block (br, bc) at height i being (br * h + i) * cb + bc
+                segs = a.reshape(rows * self.cb, w)
+                r0 = idx // self.cb * h if h > 1 else idx
+                first = idx + (r0 - idx // self.cb) * self.cb if h > 1 else idx
+                for i in range(h):
+                    seg = first + i * self.cb if i else first
+                    if i and rows % h:  # a ragged last band: rows past the end read the last
+                        np.minimum(seg, rows * self.cb - 1, out=seg)
+                    v = np.take(segs, seg, axis=0).astype(np.float32, copy=False)
+                    v = np.abs(v, out=v) if self.norm == "L1" else np.multiply(v, v, out=v)
+                    if i and rows % h:  # norms are >= +0: adding +0 for a missing row is exact
+                        v[r0 + i >= rows] = 0.0
+                    if i == 0:
+                        total[:] = v[:, 0]
+                    for j in range(0 if i else 1, w):
+                        np.add(total, v[:, j], out=total)
+                count = np.minimum(rows - r0, h) * w if rows % h else h * w
+                np.divide(total, np.asarray(count, dtype=np.float32), out=total)
+                continue
+            br, bc = np.divmod(idx, self.cb)
+            r0, c0 = br * h, bc * w
+            for i in range(h):
+                r = r0 + i if full else np.minimum(r0 + i, rows - 1)
+                for j in range(w):
+                    c = c0 + j if full else np.minimum(c0 + j, cols - 1)
+                    v = a[r, c].astype(np.float32, copy=False)
+                    v = np.abs(v, out=v) if self.norm == "L1" else np.multiply(v, v, out=v)
+                    if not full:  # norms are >= +0: adding +0 for a missing element is exact
+                        v[(r0 + i >= rows) | (c0 + j >= cols)] = 0.0
+                    if i == 0 and j == 0:
+                        total[:] = v
+                    else:
+                        np.add(total, v, out=total)
+            count = np.minimum(rows - r0, h) * np.minimum(cols - c0, w) if not full else h * w
+            np.divide(total, np.asarray(count, dtype=np.float32), out=total)
+        return torch.from_numpy(out)
+
+    def _at_by_bands(self, index: Tensor) -> Tensor:
+        out = torch.empty(index.numel(), dtype=torch.float32)
+        for start, s in self.pieces():
+            lo, hi = torch.searchsorted(index, torch.tensor([start, start + s.numel()])).tolist()
+            if hi > lo:
+                out[lo:hi] = s[(index[lo:hi] - start).to(s.device)].cpu()
+        return out
 
 
 def data_norm_view(tensor: Tensor) -> Tensor:
@@ -762,9 +838,10 @@ def data_norm_mask(
     ``round(level * blocks)`` blocks of lowest mean norm (|x| or x*x), and inside each of them the
     ``zeros_per_block`` elements of lowest norm (a ragged block: at most all it has).
 
-    Block means go straight into one buffer (a quarter of the tensor's bytes for 1x4 blocks);
-    the element mask is then written band by band and, with ``apply``, each band of the tensor is
-    masked while it is in cache."""
+    Block means are made band by band as the selection reads them (see :class:`_BandMeans`) and
+    the per-block keep mask is kept inside the element mask's own buffer, so nothing the size of
+    the tensor is allocated beyond the element mask; that is then written band by band over the
+    block mask and, with ``apply``, each band of the tensor is masked while it is in cache."""
     x2 = data_norm_view(tensor.detach())
     rows, cols = x2.shape
     h, w = block
@@ -772,23 +849,35 @@ def data_norm_mask(
     band = h * max(1, CHUNK // max(1, h * cols))
     rb, cb = -(-rows // h), -(-cols // w)
 
+    # one buffer for the norms of every band (a fresh one per band would leave the heap in holes)
+    buf = torch.empty(min(rows, band) * cols, dtype=torch.float32, device=tensor.device)
+
     def norms(r0: int, r1: int) -> Tensor:
-        x = x2[r0:r1].to(torch.float32)
-        n = x.abs() if norm == "L1" else x * x
-        if not _all_finite(n):
+        n = buf[: (r1 - r0) * cols].view(r1 - r0, cols)
+        x = x2[r0:r1]
+        if x.dtype != torch.float32:
+            x = n.copy_(x)
+        torch.abs(x, out=n) if norm == "L1" else torch.mul(x, x, out=n)
+        # the sum is finite when every norm is (it is checked one by one only when it is not)
+        if not (math.isfinite(float(n.sum())) or _all_finite(n)):
             raise ValueError(f"tensor {name!r} has NaN or inf values: cannot choose a data_norm mask for it")
         return n
 
     with torch.no_grad():
-        means = torch.empty(rb, cb, dtype=torch.float32, device=tensor.device)
-        for r0 in range(0, rows, band):
-            r1 = min(rows, r0 + band)
-            block_means_into(norms(r0, r1), block, means[r0 // h : r0 // h + -(-(r1 - r0) // h)])
-        units = _Given(means.view(-1))
+        mask = torch.empty(rows, cols, dtype=torch.bool, device=tensor.device)
+        units = _BandMeans(x2, block, band, norms, norm)
+        # The per-block keep mask lives in the last rb * cb bytes of the element mask: no
+        # allocation of its own (that would leave a hole in the heap under each element mask).
+        # Band by band, the element mask of rows r0:r1 ends at r1 * cols, at or before the start
+        # of the blocks of the rows after r1 (as many blocks as elements remain, at most), and
+        # each band reads its blocks whole before writing its rows.
+        units.mask = mask.view(-1)[rows * cols - units.n :]
+        if round(level * units.n) <= 0 or round(level * units.n) >= units.n:
+            for r0 in range(0, rows, band):  # select reads no means here: still refuse NaN/inf
+                norms(r0, min(rows, r0 + band))
         select([units], level * units.n)
         kept_blocks = units.mask.view(rb, cb)
-        del means, units
-        mask = torch.empty(rows, cols, dtype=torch.bool, device=tensor.device)
+        del units
         if zeros_per_block <= 0:
             return mask.fill_(True).view(tensor.shape)
         fused = apply and tensor.is_contiguous()  # then x2 is a view of the tensor

@@ -89,6 +89,45 @@ def test_data_norm_matches_torch_ao_on_2d_tensors(shape, block, norm, zeros):
         assert torch.equal(ours, ao_mask(t, level, block, zeros, norm).view(ours.shape))
 
 
+@pytest.mark.parametrize(
+    "shape, block, norm, zeros, kind",
+    [
+        ((600, 1800), (1, 4), "L1", None, "randn"),  # 270,000 blocks: the sampled-bracket path
+        ((1025, 1030), (2, 2), "L2", 1, "randn"),  # ragged rows and columns of blocks
+        ((1001, 1103), (1, 4), "L1", 2, "zeros"),  # ragged columns, 60% zeros (tied blocks below the cut)
+    ],
+)
+def test_data_norm_matches_torch_ao_on_large_tensors(shape, block, norm, zeros, kind):
+    # past EXACT blocks the means are made band by band and selected through a sampled bracket
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(shape, generator=g)
+    if kind == "zeros":
+        t[torch.rand(shape, generator=g) < 0.6] = 0.0
+    for level in (0.3, 0.9):
+        ours = compute(
+            "data_norm",
+            {"sparsity_level": level, "sparse_block_shape": block, "zeros_per_block": zeros, "norm": norm},
+            {"x": t},
+        )["x"]
+        assert torch.equal(ours, ao_mask(t, level, block, zeros, norm).view(ours.shape))
+
+
+@pytest.mark.parametrize("level", [0.3, 0.9])
+def test_data_norm_on_a_large_tensor_of_tied_means_prunes_the_earliest_tied_blocks(level):
+    # (torch.ao's topk breaks such ties its own way; ours are broken by position, like every selection)
+    g = torch.Generator().manual_seed(6)
+    t = torch.randint(-2, 3, (1025, 1030), generator=g).float()
+    mask = compute("data_norm", {"sparsity_level": level, "sparse_block_shape": (2, 2), "norm": "L2"}, {"x": t})["x"]
+    means = torch.nn.functional.avg_pool2d((t * t)[None, None], (2, 2), stride=(2, 2), ceil_mode=True).view(-1)
+    pruned = ~torch.nn.functional.max_pool2d(mask[None, None].float(), (2, 2), stride=(2, 2), ceil_mode=True).view(-1).bool()
+    assert int(pruned.sum()) == round(level * means.numel())
+    cut = float(means[pruned].max())
+    assert cut <= float(means[~pruned].min())
+    tied = torch.nonzero(means == cut).view(-1)
+    n_tied_pruned = int(pruned[tied].sum())
+    assert pruned[tied[:n_tied_pruned]].all() and not pruned[tied[n_tied_pruned:]].any()
+
+
 def test_data_norm_handles_1d_and_nd_tensors_where_torch_ao_raises():
     g = torch.Generator().manual_seed(0)
     conv = torch.randn(8, 4, 3, 3, generator=g)
