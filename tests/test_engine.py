@@ -215,3 +215,24 @@ def test_a_mass_of_ties_at_the_cut_is_resolved_in_order(monkeypatch):
     mask = masks_for({"sparsity_level": 0.3}, {"w": w})["w"]
     zeros = torch.nonzero(w == 0).view(-1)
     assert not mask[zeros[:15000]].any() and mask[zeros[15000:]].all()
+
+
+
+@pytest.mark.parametrize("zeros", [0.0, 0.5, 0.95])
+@pytest.mark.parametrize("level", [0.3, 0.5, 0.9, 0.97])
+def test_recompute_over_already_pruned_weights_is_exact(zeros, level):
+    # Gradual pruning recomputes masks over weights that earlier masks zeroed: a mass of equal
+    # minimal scores (the engine steps over it rather than partitioning through it).
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(300, 200, generator=gen)
+    w[torch.rand(w.shape, generator=gen) < zeros] = 0.0
+    mask = create_sparsifier("magnitude").compute_masks({"w": w}, {"w": level})["w"]
+    n_prune = round(level * w.numel())
+    assert int((~mask).sum()) == n_prune
+    kept, pruned = w.abs()[mask], w.abs()[~mask]
+    assert pruned.max() <= kept.min()
+    # ties at the cut: the earlier positions are pruned first
+    cut = pruned.max()
+    tied = (w.abs() == cut).flatten().nonzero().flatten()
+    tied_pruned = (~mask).flatten()[tied]
+    assert torch.equal(tied_pruned, tied_pruned.sort(descending=True).values)
