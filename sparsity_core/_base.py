@@ -156,6 +156,21 @@ class Sparsifier(_Implementation):
         level (the scheduler has already been applied).
         """
 
+    def masks_applied(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        levels: Mapping[str, float],
+        applied: dict[str, torch.Tensor] | None,
+    ) -> dict[str, torch.Tensor] | None:
+        """Optional fast path: :meth:`compute_masks` that, given a dict ``applied``, also zeroes
+        each tensor's pruned elements as soon as its mask is final (while the tensor is in cache)
+        and records that mask in ``applied``. The default returns None: not provided.
+
+        The controller uses it only when the class that defines it also defines the
+        ``compute_masks`` in use, so a subclass overriding ``compute_masks`` is never bypassed.
+        """
+        return None
+
     # -- calibration (only when needs_calibration) -------------------------------------------
     def reset_calibration(self) -> None:
         """Forget statistics gathered by :meth:`observe`."""
@@ -185,6 +200,16 @@ class ScoreSparsifier(Sparsifier):
         from ._engine import score_masks
 
         return score_masks(self, tensors, levels)
+
+    def masks_applied(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        levels: Mapping[str, float],
+        applied: dict[str, torch.Tensor] | None,
+    ) -> dict[str, torch.Tensor]:
+        from ._engine import score_masks
+
+        return score_masks(self, tensors, levels, applied)
 
 
 class Scheduler(_Implementation):

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ._api import Args, create_scheduler, create_sparsifier
-from ._base import Scheduler, ScoreSparsifier, Sparsifier
-from ._engine import apply_mask_, check_masks, score_masks
+from ._base import Scheduler, Sparsifier
+from ._engine import apply_mask_, check_masks
 from ._report import SparsityReport
 from ._targets import named_tensors, owner_modules
 
@@ -25,17 +25,17 @@ _Fused = Callable[[Mapping[str, torch.Tensor], Mapping[str, float], dict[str, to
 
 
 def _fused_masks(sparsifier: Sparsifier) -> _Fused | None:
-    """The built-in mask computation that also applies each mask while the tensor is in cache,
-    when ``sparsifier`` uses it unchanged (a plugin that overrides ``compute_masks`` gets the
-    plain path: compute, check, then apply)."""
-    from .builtin.sparsifiers import DataNorm
+    """The sparsifier's ``masks_applied`` (compute and apply each mask while the tensor is in
+    cache) when the class that defines it also defines the ``compute_masks`` in use; a subclass
+    that overrides ``compute_masks`` alone gets the plain path: compute, check, then apply."""
 
-    kind = type(sparsifier)
-    if kind.compute_masks is ScoreSparsifier.compute_masks:
-        return lambda tensors, levels, applied: score_masks(sparsifier, tensors, levels, applied)  # type: ignore[arg-type]
-    if kind.compute_masks is DataNorm.compute_masks and kind.masks_applied is DataNorm.masks_applied:  # type: ignore[attr-defined]
-        return sparsifier.masks_applied  # type: ignore[attr-defined,no-any-return]
-    return None
+    def owner(attr: str) -> type:
+        return next(c for c in type(sparsifier).__mro__ if attr in c.__dict__)
+
+    fused_owner = owner("masks_applied")
+    if fused_owner is Sparsifier or fused_owner is not owner("compute_masks"):
+        return None
+    return sparsifier.masks_applied  # type: ignore[return-value]
 
 
 def _still_masked(tensor: torch.Tensor, mask: torch.Tensor) -> bool:
