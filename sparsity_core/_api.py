@@ -51,13 +51,14 @@ def _create(kind: Kind, obj: str | type | Any, args: Args) -> Any:
     return resolve_class(kind, obj)(args)
 
 
-def create_sparsifier(name: str | type[Sparsifier], args: Args = None) -> Sparsifier:
-    """A configured sparsifier. ``args``: a dict or a spec instance; invalid ones raise pydantic's
+def create_sparsifier(name: str | type[Sparsifier] | Sparsifier, args: Args = None) -> Sparsifier:
+    """A configured sparsifier, from a short or qualified name or a class (a configured instance
+    is returned as is). ``args``: a dict or a spec instance; invalid ones raise pydantic's
     ``ValidationError`` naming the implementation, the field and the rule."""
     return _create("sparsifier", name, args)
 
 
-def create_scheduler(name: str | type[Scheduler], args: Args = None) -> Scheduler:
+def create_scheduler(name: str | type[Scheduler] | Scheduler, args: Args = None) -> Scheduler:
     """A configured scheduler (see :func:`create_sparsifier`)."""
     return _create("scheduler", name, args)
 
