@@ -22,6 +22,7 @@ How a selection stays near one pass over the weights
   units; for ragged blocks, the prefix whose element count is closest to the target.
 - On CPU the elementwise kernels run through NumPy views of the torch tensors (zero copy): its
   comparisons, counts and ``flatnonzero`` are many times faster than torch's for bool outputs.
+  Every "NumPy or torch?" choice goes through :func:`_numpy_kernels` (see :data:`NUMPY_KERNELS`).
 """
 
 from __future__ import annotations
@@ -50,32 +51,41 @@ Z: Final = 5.0
 
 Tensor = torch.Tensor
 
+#: Whether CPU tensors take the NumPy kernels. Off, every tensor takes the torch kernels that run
+#: on accelerators: the switch exists so that those code paths can be tested on CPU.
+NUMPY_KERNELS: bool = True
+
 
 # -- small kernels (NumPy on CPU, torch elsewhere) ----------------------------------------------
+def _numpy_kernels(t: Tensor) -> bool:
+    """Whether ``t`` takes the NumPy kernels (the one "NumPy or torch?" decision, see :data:`NUMPY_KERNELS`)."""
+    return t.is_cpu and NUMPY_KERNELS
+
+
 def _np(t: Tensor) -> np.ndarray:
     return t.numpy()
 
 
 def _all_finite(s: Tensor) -> bool:
-    if s.is_cpu:
+    if _numpy_kernels(s):
         return bool(np.isfinite(_np(s)).all())
     return bool(torch.isfinite(s).all())
 
 
 def _ge_into(s: Tensor, value: float, out: Tensor) -> None:
-    if s.is_cpu:
+    if _numpy_kernels(s):
         np.greater_equal(_np(s), value, out=_np(out))
     else:
         torch.ge(s, value, out=out)
 
 
 def _count(b: Tensor) -> int:
-    return int(np.count_nonzero(_np(b))) if b.is_cpu else int(b.sum())
+    return int(np.count_nonzero(_np(b))) if _numpy_kernels(b) else int(b.sum())
 
 
 def _in_bracket(s: Tensor, kept: Tensor, lo: float) -> Tensor:
     """Flat indices of ``lo <= s`` among the units not already ``kept`` (``kept`` is ``s >= hi``)."""
-    if s.is_cpu:
+    if _numpy_kernels(s):
         band = np.greater_equal(_np(s), lo)
         np.logical_xor(band, _np(kept), out=band)
         return torch.from_numpy(np.flatnonzero(band))
@@ -91,7 +101,7 @@ def apply_mask_(tensor: Tensor, mask: Tensor) -> None:
     On CPU one NumPy multiply by the bool mask, several times faster than torch's bool-to-float
     promotion; elsewhere (and for bf16) ``mul_``.
     """
-    if tensor.is_cpu and mask.is_cpu and tensor.dtype in _NUMPY_FLOATS:
+    if _numpy_kernels(tensor) and mask.is_cpu and tensor.dtype in _NUMPY_FLOATS:
         array = tensor.detach().numpy()
         np.multiply(array, mask.numpy(), out=array)
     else:
@@ -107,7 +117,7 @@ def view2d(t: Tensor) -> Tensor:
 
 def _kth(values: Tensor, k: int) -> float:
     """The k-th smallest (1-based) of 1-D ``values``."""
-    if not values.is_cpu:
+    if not _numpy_kernels(values):
         return float(torch.kthvalue(values, k).values)
     a = _np(values)
     # In gradual pruning most recomputes score weights that earlier masks zeroed: a mass of
@@ -130,7 +140,7 @@ def _keep_above_kth(values: Tensor, n_prune: int) -> Tensor:
     if n_prune >= n:
         return torch.zeros(n, dtype=torch.bool, device=values.device)
     thr = _kth(values, n_prune)
-    if values.is_cpu:  # NumPy's bool kernels are several times faster than torch's here
+    if _numpy_kernels(values):  # NumPy's bool kernels are several times faster than torch's here
         a = _np(values)
         keep_np = a > thr
         ties_np = np.flatnonzero(a == thr)
@@ -154,7 +164,7 @@ def rank_keep(x: Tensor, n_prune: int, out: Tensor) -> None:
     if n_prune >= k:
         out.fill_(False)
         return
-    if x.is_cpu and k <= 8 and x.is_contiguous() and out.is_contiguous() and x.dtype == torch.float32:
+    if k <= 8 and _numpy_kernels(x) and x.is_contiguous() and out.is_contiguous() and x.dtype == torch.float32:
         _rank_keep_flat(_np(x).reshape(-1), k, n_prune, _np(out).reshape(-1))
         return
     if k > 8:  # the pairwise rank costs O(K) per element; sort wins for wide groups
@@ -197,7 +207,7 @@ def _rank_keep_flat(x: np.ndarray, k: int, n_prune: int, out: np.ndarray) -> Non
 def rank_keep_columns(cols: list[Tensor], n_prune: int, out: Tensor) -> None:
     """:func:`rank_keep` given the K columns of the scores as contiguous vectors."""
     k, g = len(cols), cols[0].numel()
-    if cols[0].is_cpu:
+    if _numpy_kernels(cols[0]):
         arrays = [_np(c) for c in cols]
         ranks = [np.full(g, i, np.uint8) for i in range(k)]
         less = np.empty(g, dtype=bool)
@@ -421,7 +431,7 @@ def _select_exact(units: Sequence[_Units], target: float, size: int) -> None:
     if size:
         keep = _keep_above_kth(scores, min(max(round(target / size), 0), scores.numel()))
     else:
-        weights = torch.cat([u.sizes(0, u.n) if not u.size else torch.full((u.n,), u.size) for u in units])
+        weights = torch.cat([u.sizes(0, u.n) if not u.size else torch.full((u.n,), u.size, device=u.mask.device) for u in units])
         order = torch.argsort(scores, stable=True)
         cum = torch.cat([weights.new_zeros(1), torch.cumsum(weights[order], 0)])
         n_prune = int(torch.argmin((cum.double() - target).abs()))
@@ -551,7 +561,7 @@ def _select_ties(units: Sequence[_Units], value: float, k: int) -> bool:
             m = u.mask[start : start + s.numel()]
             _ge_into(s, value, m)
             below += s.numel() - _count(m)
-            m.logical_and_(s != value) if not s.is_cpu else np.greater(_np(s), value, out=_np(m))
+            np.greater(_np(s), value, out=_np(m)) if _numpy_kernels(s) else m.logical_and_(s != value)
         if len(units) > 1:
             u.release()
     remaining = k - below
@@ -559,7 +569,7 @@ def _select_ties(units: Sequence[_Units], value: float, k: int) -> bool:
         return False
     for u in units:
         for start, s in u.pieces():
-            ties = torch.nonzero(s == value).view(-1) if not s.is_cpu else torch.from_numpy(np.flatnonzero(_np(s) == value))
+            ties = torch.from_numpy(np.flatnonzero(_np(s) == value)) if _numpy_kernels(s) else torch.nonzero(s == value).view(-1)
             if remaining >= ties.numel():
                 remaining -= ties.numel()
                 continue
@@ -735,7 +745,7 @@ class _BandMeans(_Units):
         the means of the bands that hold them. Either way the selection's cut is exact: the
         sample only places its bracket."""
         h, w = self.block
-        if not self.x2.is_cpu or h * w > 16 or self.x2.dtype not in _NUMPY_FLOATS:
+        if not _numpy_kernels(self.x2) or h * w > 16 or self.x2.dtype not in _NUMPY_FLOATS:
             return self._at_by_bands(index)
         a, rows, cols = _np(self.x2), self.rows, self.cols
         full = not (rows % h or cols % w)
@@ -808,7 +818,7 @@ def block_means_into(n: Tensor, block: tuple[int, int], out: Tensor) -> None:
     gives: on CPU, for blocks of up to 16 elements, by adding the strided element planes in its
     order (row by row, left to right) and dividing by the count, with no padded copy."""
     h, w = block
-    if not n.is_cpu or h * w > 16:
+    if not _numpy_kernels(n) or h * w > 16:
         out.copy_(F.avg_pool2d(n[None, None], block, stride=block, ceil_mode=True)[0, 0])
         return
     a, o = _np(n), _np(out)
@@ -834,7 +844,7 @@ def _expand_into(blocks: Tensor, h: int, w: int, out: Tensor) -> None:
     """Write the element mask of per-block ``blocks`` into ``out`` (a contiguous band of rows)."""
     rows, cols = out.shape
     word = {2: np.uint16, 4: np.uint32, 8: np.uint64}.get(w) if np.little_endian else None
-    if h == 1 and word is not None and cols == blocks.shape[1] * w and out.is_cpu and out.is_contiguous():
+    if h == 1 and word is not None and cols == blocks.shape[1] * w and _numpy_kernels(out) and out.is_contiguous():
         # each block's bool byte times 0x0101..01 is its w element bytes at once
         ones = word(int.from_bytes(b"\x01" * w, "little"))
         np.multiply(_np(blocks).reshape(-1).view(np.uint8), ones, out=_np(out).reshape(-1).view(word))
@@ -913,7 +923,7 @@ def data_norm_mask(
                 groups = n.view(nb, h, cb, w).permute(0, 2, 1, 3).reshape(nb * cb, per_block)
                 inside = torch.empty(nb * cb, per_block, dtype=torch.bool, device=mask.device)
                 rank_keep(groups, zeros_per_block, inside)
-                if inside.is_cpu:
+                if _numpy_kernels(inside):
                     np.logical_or(_np(inside), _np(blocks.reshape(-1, 1)), out=_np(inside))
                 else:
                     inside |= blocks.reshape(-1, 1)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._engine import _numpy_kernels
+
 
 _FLOAT_BITS = {torch.float32: np.int32, torch.float64: np.int64, torch.float16: np.int16}
 _NUMPY_DTYPES = (*_FLOAT_BITS, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
@@ -22,7 +24,7 @@ def _count_nonzero(t: torch.Tensor) -> int:
     and NumPy counts nonzero integers several times faster than floats; ``torch.count_nonzero``
     is slower still. Other CPU dtypes NumPy has: ``np.count_nonzero``; the rest (bf16, GPU): torch.
     """
-    if not t.is_cpu or t.dtype not in _NUMPY_DTYPES or t.is_conj() or t.is_neg():
+    if not _numpy_kernels(t) or t.dtype not in _NUMPY_DTYPES or t.is_conj() or t.is_neg():
         return int(torch.count_nonzero(t))
     array = t.numpy()
     bits = _FLOAT_BITS.get(t.dtype)
