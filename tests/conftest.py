@@ -62,6 +62,19 @@ def fake_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
             sys.modules.pop(module, None)
 
 
+@pytest.fixture(params=["exact", "bracketed"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test through the engine's exact selection and through its sampled bracket over
+    several pieces (thresholds made small so that small tensors take that path)."""
+    from sparsity_core import _engine as engine
+
+    if request.param == "bracketed":
+        monkeypatch.setattr(engine, "EXACT", 100)
+        monkeypatch.setattr(engine, "SAMPLE", 2000)
+        monkeypatch.setattr(engine, "CHUNK", 4096)
+    return request.param
+
+
 # A plugin module with one score sparsifier and one scheduler; {name} is filled per test.
 PLUGIN_SOURCE = """
 import sparsity_core

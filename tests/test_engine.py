@@ -30,16 +30,6 @@ def tensors() -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.fixture(params=["exact", "bracketed"])
-def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test through the exact selection and through the sampled bracket (small thresholds)."""
-    if request.param == "bracketed":
-        monkeypatch.setattr(engine, "EXACT", 100)
-        monkeypatch.setattr(engine, "SAMPLE", 2000)
-        monkeypatch.setattr(engine, "CHUNK", 4096)
-    return request.param
-
-
 @pytest.mark.parametrize("level", [0.0, 0.1, 0.5, 0.9, 0.999, 1.0])
 def test_layer_scope_reaches_each_level_exactly_and_keeps_the_largest(tensors, path, level):
     masks = masks_for({"sparsity_level": level, "include": ["*"]}, tensors)

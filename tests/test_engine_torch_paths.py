@@ -72,16 +72,6 @@ def both(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[], T]], tuple[T
     return run
 
 
-@pytest.fixture(params=["exact", "bracketed"])
-def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The exact selection, or the sampled bracket over several pieces (small thresholds)."""
-    if request.param == "bracketed":
-        monkeypatch.setattr(engine, "EXACT", 100)
-        monkeypatch.setattr(engine, "SAMPLE", 2000)
-        monkeypatch.setattr(engine, "CHUNK", 4096)
-    return request.param
-
-
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], list[Any]]:
     """``calls(name)``: a list that records the results of every call to ``engine.<name>``."""
