@@ -15,6 +15,11 @@ from ._version import API_VERSION, __version__
 # public name -> private module that defines it
 _EXPORTS: dict[str, str] = {
     "AmbiguousNameError": "._errors",
+    "Capabilities": "._contract",
+    "LayerKind": "._layers",
+    "MaskContext": "._contract",
+    "Reconstruction": "._contract",
+    "TensorLayout": "._layers",
     "PluginLoadError": "._errors",
     "PluginWarning": "._errors",
     "UnknownNameError": "._errors",
@@ -61,7 +66,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         sparsify,
     )
     from ._base import Scheduler, ScoreSparsifier, Sparsifier
+    from ._contract import Capabilities, MaskContext, Reconstruction
     from ._controller import SparsityController
+    from ._layers import LayerKind, TensorLayout
     from ._errors import AmbiguousNameError, PluginLoadError, PluginWarning, UnknownNameError
     from ._report import SparsityReport
     from ._specs import SchedulerSpec, ScoreSpec, SparsifierSpec

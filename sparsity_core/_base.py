@@ -6,6 +6,7 @@ CLI, ``list_sparsifiers()``) stays fast; the tensor work lives in :mod:`sparsity
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import inspect
 import math
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from ._contract import Capabilities, MaskContext, Reconstruction
 from ._specs import SchedulerSpec, ScoreSpec, SparsifierSpec
 
 if TYPE_CHECKING:
@@ -109,9 +111,21 @@ class Sparsifier(_Implementation):
     Spec: ClassVar[type[SparsifierSpec]] = SparsifierSpec
     spec: SparsifierSpec
 
-    #: Set to True when the sparsifier needs activations: the controller then runs calibration
-    #: batches through the model and calls :meth:`observe` for each covered parameter.
+    #: What the sparsifier is and needs (contract v2); read by the controller, coverage, the kit
+    #: and ``sparsity show``. A v1 class that sets only ``needs_calibration`` gets it mirrored here.
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    #: v1's flag, kept in step with ``capabilities.calibration`` (set either one).
     needs_calibration: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "capabilities" in cls.__dict__:
+            if not isinstance(cls.capabilities, Capabilities):
+                raise TypeError(f"{cls.__qualname__}.capabilities must be a sparsity_core.Capabilities, got {type(cls.capabilities).__name__}")
+            cls.needs_calibration = cls.capabilities.calibration
+        elif "needs_calibration" in cls.__dict__ and cls.needs_calibration != cls.capabilities.calibration:
+            cls.capabilities = dataclasses.replace(cls.capabilities, calibration=bool(cls.needs_calibration))
 
     # -- which names, with which arguments -------------------------------------------------
     def covers(self, names: Iterable[str], default: Callable[[str], bool] | None = None) -> list[str]:
@@ -148,12 +162,18 @@ class Sparsifier(_Implementation):
     # -- the work ----------------------------------------------------------------------------
     @abstractmethod
     def compute_masks(
-        self, tensors: Mapping[str, torch.Tensor], levels: Mapping[str, float]
-    ) -> dict[str, torch.Tensor]:
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        levels: Mapping[str, float],
+        context: MaskContext | None = None,
+    ) -> dict[str, torch.Tensor] | Reconstruction:
         """Return a boolean mask (True = keep) shaped like each tensor, at the given levels.
 
         Must not modify the tensors. ``levels`` maps every name in ``tensors`` to its current
-        level (the scheduler has already been applied).
+        level (the scheduler has already been applied). ``context`` (contract v2; a v1 override
+        without this parameter is called without it) holds the current masks and each tensor's
+        layer layout. A class with ``capabilities.reconstruction`` may return
+        :class:`~sparsity_core.Reconstruction` (masks and new weights) instead of the masks.
         """
 
     def masks_applied(
@@ -161,6 +181,7 @@ class Sparsifier(_Implementation):
         tensors: Mapping[str, torch.Tensor],
         levels: Mapping[str, float],
         applied: dict[str, torch.Tensor] | None,
+        context: MaskContext | None = None,
     ) -> dict[str, torch.Tensor] | None:
         """Optional fast path: :meth:`compute_masks` that, given a dict ``applied``, also zeroes
         each tensor's pruned elements as soon as its mask is final (while the tensor is in cache)
@@ -177,6 +198,12 @@ class Sparsifier(_Implementation):
 
     def observe(self, name: str, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         """Called with the inputs of the module that owns parameter ``name``, once per batch."""
+
+    # -- gradients (only when capabilities.gradients) ----------------------------------------
+    def observe_gradient(self, name: str, tensor: torch.Tensor, grad: torch.Tensor) -> None:
+        """Called with a covered parameter (the live one, not a copy) and its gradient: in
+        training once per optimizer step, after backward (accumulated micro-batches included)
+        and before the update; in one-shot gradient calibration once per batch."""
 
 
 class ScoreSparsifier(Sparsifier):
@@ -195,21 +222,25 @@ class ScoreSparsifier(Sparsifier):
         """Importance of each element of ``tensor`` (same shape; higher = more important)."""
 
     def compute_masks(
-        self, tensors: Mapping[str, torch.Tensor], levels: Mapping[str, float]
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        levels: Mapping[str, float],
+        context: MaskContext | None = None,
     ) -> dict[str, torch.Tensor]:
         from ._engine import score_masks
 
-        return score_masks(self, tensors, levels)
+        return score_masks(self, tensors, levels, context=context)
 
     def masks_applied(
         self,
         tensors: Mapping[str, torch.Tensor],
         levels: Mapping[str, float],
         applied: dict[str, torch.Tensor] | None,
+        context: MaskContext | None = None,
     ) -> dict[str, torch.Tensor]:
         from ._engine import score_masks
 
-        return score_masks(self, tensors, levels, applied)
+        return score_masks(self, tensors, levels, applied, context=context)
 
 
 class Scheduler(_Implementation):

@@ -37,8 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._layers import TensorLayout, generic_layout
+
 if TYPE_CHECKING:
     from ._base import ScoreSparsifier, Sparsifier
+    from ._contract import MaskContext
 
 #: Elements scored at a time: large enough to amortise per-call overhead, small enough for cache.
 CHUNK: Final = 1 << 18
@@ -233,19 +236,33 @@ def rank_keep_columns(cols: list[Tensor], n_prune: int, out: Tensor) -> None:
 
 # -- scores ------------------------------------------------------------------------------------
 class Scorer:
-    """Float32 importance of one tensor, whole or in pieces, checked for NaN/inf."""
+    """Float32 importance of one tensor, whole or in pieces, checked for NaN/inf.
 
-    __slots__ = ("_flat", "_full", "elementwise", "name", "sparsifier", "tensor")
+    ``layout`` orients the tensor: :meth:`rows` reads rows of its ``[outputs, reduction]`` matrix
+    view (see :mod:`._layers`). ``keep``, the current mask (contract v2's nested policy), forces
+    every currently pruned element to score ``-inf``: it is pruned again first, and the level is
+    still met exactly by the selection."""
 
-    def __init__(self, sparsifier: ScoreSparsifier, name: str, tensor: Tensor) -> None:
+    __slots__ = ("_flat", "_full", "elementwise", "keep", "layout", "name", "sparsifier", "tensor")
+
+    def __init__(
+        self,
+        sparsifier: ScoreSparsifier,
+        name: str,
+        tensor: Tensor,
+        layout: TensorLayout | None = None,
+        keep: Tensor | None = None,
+    ) -> None:
         self.sparsifier = sparsifier
         self.name = name
         self.tensor = tensor.detach()
+        self.layout = layout if layout is not None else generic_layout()
+        self.keep = keep if keep is None or not bool(keep.all()) else None
         self.elementwise = bool(getattr(sparsifier, "elementwise", False))
         self._full: Tensor | None = None
         self._flat: Tensor | None = None
 
-    def _score(self, x: Tensor) -> Tensor:
+    def _score(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
         s = self.sparsifier.score(self.name, x)
         if not isinstance(s, torch.Tensor) or s.shape != x.shape:
             got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
@@ -259,6 +276,10 @@ class Scorer:
                 f"tensor {self.name!r} has NaN or inf values (or importance scores): cannot choose "
                 f"a mask for it; check the weights (sparsifier {self.sparsifier.name!r})"
             )
+        if keep is not None:
+            if s.data_ptr() == x.data_ptr() or s._base is not None:  # never write into the caller's tensor
+                s = s.clone()
+            s.masked_fill_(~keep.to(s.device), -math.inf)
         return s
 
     @property
@@ -270,24 +291,32 @@ class Scorer:
     def full(self) -> Tensor:
         """The whole score tensor (kept until :meth:`release`)."""
         if self._full is None:
-            self._full = self._score(self.tensor).contiguous()
+            self._full = self._score(self.tensor, self.keep).contiguous()
         return self._full
 
     def piece(self, start: int, end: int) -> Tensor:
         if self.elementwise:
-            return self._score(self.flat[start:end])
+            keep = None if self.keep is None else self.keep.reshape(-1)[start:end]
+            return self._score(self.flat[start:end], keep)
         return self.full().view(-1)[start:end]
 
     def rows(self, r0: int, r1: int) -> Tensor:
-        """Scores of rows ``r0:r1`` of the 2-D view."""
+        """Scores of rows ``r0:r1`` of the matrix view."""
         if self.elementwise:
-            return self._score(view2d(self.tensor)[r0:r1])
-        return view2d(self.full())[r0:r1]
+            keep = None if self.keep is None else self.layout.matrix(self.keep)[r0:r1]
+            return self._score(self.layout.matrix(self.tensor)[r0:r1], keep)
+        return self.layout.matrix(self.full())[r0:r1]
 
     def at(self, index: Tensor) -> Tensor:
         if self.elementwise:
-            return self._score(self.flat[index.to(self.flat.device)]).cpu()
+            keep = None if self.keep is None else self.keep.reshape(-1)[index.to(self.keep.device)]
+            return self._score(self.flat[index.to(self.flat.device)], keep).cpu()
         return self.full().view(-1)[index.to(self._full.device)].cpu()  # type: ignore[union-attr]
+
+    @property
+    def shape2d(self) -> tuple[int, int]:
+        m = self.layout.matrix(self.tensor)
+        return m.shape[0], m.shape[1]
 
     def release(self) -> None:
         self._full = None
@@ -345,7 +374,7 @@ class _Blocks(_Units):
     def __init__(self, scorer: Scorer, h: int, w: int) -> None:
         self.scorer = scorer
         self.h, self.w = h, w
-        self.rows, self.cols = view2d(scorer.tensor).shape
+        self.rows, self.cols = scorer.shape2d
         self.rb, self.cb = -(-self.rows // h), -(-self.cols // w)
         self.n = self.rb * self.cb
         ragged = self.rows % h or self.cols % w
@@ -378,9 +407,9 @@ class _Blocks(_Units):
         return self._sizes[start:end]
 
     def element_mask(self) -> Tensor:
-        return expand_blocks(self.mask.view(self.rb, self.cb), self.h, self.w, self.rows, self.cols).view(
-            self.scorer.tensor.shape
-        )
+        m = expand_blocks(self.mask.view(self.rb, self.cb), self.h, self.w, self.rows, self.cols)
+        layout = self.scorer.layout
+        return m.view(self.scorer.tensor.shape) if layout.is_identity(self.scorer.tensor.dim()) else layout.from_matrix(m, self.scorer.tensor.shape)
 
     def release(self) -> None:
         self._means = None
@@ -389,7 +418,7 @@ class _Blocks(_Units):
 
 def block_means(scorer: Scorer, h: int, w: int) -> Tensor:
     """Mean score of each aligned ``h x w`` block of the 2-D view (rb x cb), computed band by band."""
-    rows, cols = view2d(scorer.tensor).shape
+    rows, cols = scorer.shape2d
     band = h * max(1, CHUNK // max(1, h * cols))
     parts = []
     for r0 in range(0, rows, band):
@@ -478,6 +507,10 @@ def _select_bracketed(units: Sequence[_Units], target: float, size: int) -> bool
     ordered = _np(sample)  # a fresh tensor: sorted in place, once, it serves lo, hi and the tie check
     ordered.sort()
     lo = float(ordered[lo_rank]) if lo_rank >= 0 else -math.inf
+    if lo == -math.inf and ordered.size and ordered[-1] > -math.inf:
+        # a mass of -inf (weights kept pruned by the nested policy) below the cut: count it as
+        # certainly pruned rather than as candidates (the count check below verifies the cut)
+        lo = float(ordered[np.searchsorted(ordered, -math.inf, "right")])
     hi = float(ordered[hi_rank]) if hi_rank < n_sample else math.inf
     if size:
         at_q = float(ordered[min(max(round(q * n_sample), 1), n_sample) - 1])
@@ -582,22 +615,24 @@ def _select_ties(units: Sequence[_Units], value: float, k: int) -> bool:
 
 # -- N:M ---------------------------------------------------------------------------------------
 def nm_mask(scorer: Scorer, n: int, m: int, level: float, apply: bool = False) -> Tensor:
-    """Keep ``n`` of every ``m`` consecutive weights along the last dim of the 2-D view.
+    """Keep ``n`` of every ``m`` consecutive weights along the reduction axis (the last dim of the
+    matrix view, see :mod:`._layers`).
 
     At an intermediate ``level`` (gradual N:M) ``round(level * m)`` of each group are pruned, at
     most ``m - n``. A ragged tail of ``g < m`` columns prunes as many, at most ``g - n``.
     With ``apply``, each piece of the tensor is masked as soon as its mask is known, while it is
-    still in cache (a contiguous tensor; otherwise once at the end).
+    still in cache (a contiguous tensor in its natural layout; otherwise once at the end).
     """
     tensor = scorer.tensor
-    rows, cols = view2d(tensor).shape
+    rows, cols = scorer.shape2d
     prune = min(round(level * m), m - n)
-    mask = torch.empty(rows, cols, dtype=torch.bool, device=tensor.device)
+    natural = scorer.layout.is_identity(tensor.dim())
     if prune <= 0:
-        return mask.fill_(True).view(tensor.shape)
+        return torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device)
+    mask = torch.empty(rows, cols, dtype=torch.bool, device=tensor.device)
     full = cols // m * m
-    fused = apply and tensor.is_contiguous()
-    if full == cols:  # groups are runs of m in the flat tensor: score it in flat pieces
+    fused = apply and natural and tensor.is_contiguous()
+    if full == cols and natural:  # groups are runs of m in the flat tensor: score it in flat pieces
         out = mask.view(-1)
         step = max(m, CHUNK // m * m)
         for start in range(0, out.numel(), step):
@@ -630,9 +665,10 @@ def nm_mask(scorer: Scorer, n: int, m: int, level: float, apply: bool = False) -
         if fused:
             apply_mask_(view2d(tensor)[r0:r1], mask[r0:r1])
     scorer.release()
+    result = mask.view(tensor.shape) if natural else scorer.layout.from_matrix(mask, tensor.shape)
     if apply and not fused:
-        apply_mask_(tensor, mask.view(tensor.shape))
-    return mask.view(tensor.shape)
+        apply_mask_(tensor, result)
+    return result
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -641,6 +677,8 @@ def score_masks(
     tensors: Mapping[str, Tensor],
     levels: Mapping[str, float],
     applied: dict[str, Tensor] | None = None,
+    *,
+    context: MaskContext | None = None,
 ) -> dict[str, Tensor]:
     """Bool keep masks for a ``ScoreSparsifier``: names are grouped by their resolved spec
     (overrides may change level, pattern and scope per name); ``global`` groups share one
@@ -649,10 +687,17 @@ def score_masks(
     With ``applied`` (a dict), each tensor is also masked in place as soon as its mask is final
     (N:M: piece by piece, while the piece is in cache) and its mask is recorded there at once, so
     that a caller interrupted by an error knows which tensors already carry their new mask.
+
+    ``context`` orients each tensor (N:M and blocks along its reduction axis) and, unless the
+    sparsifier declares regrowth, keeps its currently pruned elements pruned (nested masks): they
+    score ``-inf``, and a level below what is already pruned is raised to it.
     """
     masks: dict[str, Tensor] = {}
     groups: dict[int, list[str]] = {}
     apply = applied is not None
+    layouts = context.layouts if context is not None else {}
+    nested = context is not None and not sparsifier.capabilities.regrowth
+    current = context.current if nested else {}  # type: ignore[union-attr]
 
     def done(name: str, mask: Tensor, fused: bool = False) -> None:
         masks[name] = mask
@@ -661,23 +706,31 @@ def score_masks(
                 apply_mask_(tensors[name], mask)
             applied[name] = mask
 
+    def scorer(name: str) -> Scorer:
+        keep = current.get(name)
+        return Scorer(sparsifier, name, tensors[name], layouts.get(name), keep.to(tensors[name].device) if keep is not None else None)
+
+    def pruned_now(name: str) -> int:
+        keep = current.get(name)
+        return 0 if keep is None else keep.numel() - _count(keep.contiguous())
+
     with torch.no_grad():
         for name, tensor in tensors.items():
             spec = sparsifier.spec_for(name)
             pattern = spec.parsed_pattern  # type: ignore[attr-defined]
             level = _check_level(name, levels[name])
-            scorer = Scorer(sparsifier, name, tensor)
             if pattern.kind == "n:m":
-                done(name, nm_mask(scorer, pattern.a, pattern.b, level, apply), fused=True)
+                done(name, nm_mask(scorer(name), pattern.a, pattern.b, level, apply), fused=True)
             elif spec.scope == "global":  # type: ignore[attr-defined]
                 groups.setdefault(id(spec), []).append(name)
             else:
-                units = _units(scorer, pattern)
-                select([units], level * tensor.numel())
+                units = _units(scorer(name), pattern)
+                select([units], max(level * tensor.numel(), pruned_now(name)))
                 done(name, units.element_mask())
         for names in groups.values():
-            group = [_units(Scorer(sparsifier, n, tensors[n]), sparsifier.spec_for(n).parsed_pattern) for n in names]  # type: ignore[attr-defined]
-            select(group, sum(levels[n] * tensors[n].numel() for n in names))
+            group = [_units(scorer(n), sparsifier.spec_for(n).parsed_pattern) for n in names]  # type: ignore[attr-defined]
+            target = sum(levels[n] * tensors[n].numel() for n in names)
+            select(group, max(target, sum(pruned_now(n) for n in names)))
             for n, units in zip(names, group):
                 done(n, units.element_mask())
     return {n: masks[n] for n in tensors}
@@ -685,6 +738,8 @@ def score_masks(
 
 def _units(scorer: Scorer, pattern: object) -> _Units:
     kind, a, b = pattern  # type: ignore[misc]
+    if kind == "channel":
+        return _Blocks(scorer, 1, max(1, scorer.shape2d[1]))
     if kind == "block" and (a, b) != (1, 1):
         return _Blocks(scorer, a, b)
     return _Elements(scorer)

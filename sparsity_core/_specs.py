@@ -16,9 +16,10 @@ _NM = re.compile(r"^([0-9]+):([1-9][0-9]*)$")
 
 
 class Pattern(NamedTuple):
-    """A parsed ``pattern``: ``kind`` is "unstructured", "block" (a x b = rows x cols) or "n:m"."""
+    """A parsed ``pattern``: ``kind`` is "unstructured", "channel" (whole rows of the matrix view:
+    output channels), "block" (a x b = rows x cols) or "n:m"."""
 
-    kind: Literal["unstructured", "block", "n:m"]
+    kind: Literal["unstructured", "channel", "block", "n:m"]
     a: int = 1
     b: int = 1
 
@@ -29,10 +30,10 @@ class Pattern(NamedTuple):
 
 
 def parse_pattern(text: str) -> Pattern:
-    """Parse "unstructured", "HxW" (e.g. "1x4") or "N:M" (e.g. "2:4"); raise ValueError otherwise."""
+    """Parse "unstructured", "channel", "HxW" (e.g. "1x4") or "N:M" (e.g. "2:4"); raise ValueError otherwise."""
     text = text.strip()
-    if text == "unstructured":
-        return Pattern("unstructured")
+    if text in ("unstructured", "channel"):
+        return Pattern(text)  # type: ignore[arg-type]
     if m := _BLOCK.match(text):
         return Pattern("block", int(m[1]), int(m[2]))
     if m := _NM.match(text):
@@ -41,8 +42,8 @@ def parse_pattern(text: str) -> Pattern:
             raise ValueError(f"N:M needs 0 < N <= M (keep N of every M), got {text!r}")
         return Pattern("n:m", n, mm)
     raise ValueError(
-        f"pattern must be 'unstructured', a block 'HxW' of positive integers such as '1x4', "
-        f"or 'N:M' with 0 < N <= M such as '2:4'; got {text!r}"
+        f"pattern must be 'unstructured', 'channel', a block 'HxW' of positive integers such as "
+        f"'1x4', or 'N:M' with 0 < N <= M such as '2:4'; got {text!r}"
     )
 
 
@@ -110,9 +111,10 @@ class ScoreSpec(SparsifierSpec):
     pattern: str = Field(
         "unstructured",
         description=(
-            "Sparsity pattern: 'unstructured'; aligned blocks 'HxW' over the last two dims of the "
-            "2-D view (e.g. '1x4'); or 'N:M' (keep N of every M consecutive weights along the "
-            "input dimension, e.g. '2:4', which fixes sparsity_level at 1 - N/M)."
+            "Sparsity pattern: 'unstructured'; 'channel' (whole output channels: rows of the "
+            "[outputs, inputs] matrix view); aligned blocks 'HxW' over that matrix view (e.g. "
+            "'1x4'); or 'N:M' (keep N of every M consecutive weights along the input (reduction) "
+            "axis, e.g. '2:4', which fixes sparsity_level at 1 - N/M)."
         ),
     )
     scope: Literal["layer", "global"] = Field(

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from ._layers import TensorLayout, layout_of
 
 # Layers whose ``weight`` is covered when the spec sets no ``include``.
 DEFAULT_LAYERS: tuple[type[nn.Module], ...] = (
@@ -36,6 +39,42 @@ def named_tensors(target: Any) -> tuple[dict[str, torch.Tensor], Callable[[str],
     raise TypeError(
         f"target must be an nn.Module or a mapping of names to tensors, got {type(target).__name__}"
     )
+
+
+@dataclass
+class Selection:
+    """The tensors a sparsifier covers in a target, one entry per tensor (canonical name), with
+    what the controller needs to know of each: its layout (layer kind and orientation), its owner
+    module and attribute (for calibration hooks), and every name it answers to (tied weights)."""
+
+    tensors: dict[str, torch.Tensor]
+    layouts: dict[str, TensorLayout] = field(default_factory=dict)
+    owners: dict[str, tuple[nn.Module, str]] = field(default_factory=dict)
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def select_tensors(target: Any, sparsifier: Any) -> Selection:
+    """The tensors of ``target`` that ``sparsifier`` covers, with their layouts and owners.
+
+    Raises ValueError naming the rule when nothing is covered."""
+    tensors, default = named_tensors(target)
+    names = sparsifier.covers(tensors, default)
+    if not names:
+        spec = sparsifier.spec
+        rule = f"include={spec.include}" if spec.include is not None else "the default (Linear/Conv/Embedding weights)"
+        raise ValueError(
+            f"sparsifier {sparsifier.name!r} covers no tensor: {rule} with exclude={spec.exclude} "
+            f"matched nothing among {len(tensors)} names (e.g. {list(tensors)[:5]})"
+        )
+    selection = Selection({n: tensors[n] for n in names})
+    if isinstance(target, nn.Module):
+        for name in names:
+            prefix, _, attr = name.rpartition(".")
+            module = target.get_submodule(prefix) if prefix else target
+            selection.owners[name] = (module, attr)
+            selection.layouts[name] = layout_of(module, attr)
+    selection.aliases = {n: (n,) for n in names}
+    return selection
 
 
 def owner_modules(target: Any, names: list[str]) -> dict[str, nn.Module]:
