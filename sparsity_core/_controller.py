@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _calibration
 from ._api import Args, create_scheduler, create_sparsifier
 from ._base import Scheduler, Sparsifier
 from ._contract import MaskContext, Reconstruction
@@ -84,10 +85,26 @@ class SparsityController:
         sparsifier_args: Args = None,
         scheduler: str | type[Scheduler] | Scheduler = "constant",
         scheduler_args: Args = None,
+        *,
+        sequential: _calibration.Sequential | None = None,
     ) -> None:
         self.target = target
         self.sparsifier = create_sparsifier(sparsifier, sparsifier_args)
         self.scheduler = create_scheduler(scheduler, scheduler_args)
+        caps = self.sparsifier.capabilities
+        #: The blocks of a sequential calibration (``sequential=``), in order.
+        self._blocks: list[tuple[str, nn.Module]] | None = None
+        self._pending: list[Any] | None = None  # batches kept for the next sequential update
+        if sequential is not None:
+            if not isinstance(target, nn.Module):
+                raise TypeError("sequential= needs an nn.Module target, not a mapping of tensors")
+            if caps.gradients:
+                raise ValueError(
+                    f"sequential= calibrates block by block with forward passes only; sparsifier "
+                    f"{self.sparsifier.name!r} needs gradients of a loss at the model's output"
+                )
+            self._blocks = _calibration.find_blocks(target, sequential)
+            self._check_sequential_scope()
         selection = select_tensors(target, self.sparsifier)
         names = list(selection.tensors)
         self.tensors: dict[str, torch.Tensor] = selection.tensors
@@ -141,6 +158,15 @@ class SparsityController:
         masked and the previous ones of the rest."""
         if levels is not None:
             self.levels = {**self.levels, **levels}
+        if names is None and self._blocks is not None and self.sparsifier.capabilities.calibration:
+            batches, self._pending = self._pending, None
+            if not batches:
+                raise ValueError(
+                    f"sparsifier {self.sparsifier.name!r} calibrates block by block (sequential=): call "
+                    f"calibrate(batches) before each mask update"
+                )
+            _calibration.sequential(self, batches, self._blocks)
+            return
         chosen = list(self.tensors) if names is None else list(names)
         tensors = {n: self.tensors[n] for n in chosen}
         levels_now = {n: self.levels[n] for n in chosen}
@@ -184,6 +210,22 @@ class SparsityController:
         else:
             for name, mask in masks.items():
                 self._note_masked(name, mask)
+
+    def _check_sequential_scope(self) -> None:
+        caps = self.sparsifier.capabilities
+        if not caps.calibration:
+            return  # nothing to calibrate: masks are computed as usual
+        if caps.allocates_levels:
+            raise ValueError(
+                f"sequential= selects each block on its own, but sparsifier {self.sparsifier.name!r} allocates "
+                f"levels across all tensors at once"
+            )
+        specs = [self.sparsifier.spec, *(spec for _, spec in self.sparsifier._resolved_overrides)]
+        if any(getattr(spec, "scope", "layer") == "global" for spec in specs):
+            raise ValueError(
+                f"sequential= calibrates and selects one block at a time; scope='global' needs every tensor's "
+                f"scores at once. Use scope='layer' with sequential, or drop sequential for a global selection"
+            )
 
     @torch.no_grad()
     def _write_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
@@ -242,13 +284,44 @@ class SparsityController:
             and _still_masked(tensor, mask)
         )
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> Any:
-        """Re-apply the masks after every ``optimizer.step()``; returns the removable handle."""
+    def attach(self, optimizer: torch.optim.Optimizer, *, gradients: bool = True) -> Any:
+        """Re-apply the masks after every ``optimizer.step()``; returns the removable handle.
+
+        For a sparsifier that needs gradients (``capabilities.gradients``) and ``gradients=True``,
+        a step pre-hook also hands it each covered parameter of this optimizer and its
+        (accumulated) gradient before the update (see :meth:`observe_gradients`). Closure-based
+        optimizers (LBFGS) compute gradients inside ``step``: call :meth:`observe_gradients` in the
+        closure instead. Lightning's callbacks deliver gradients from ``on_before_optimizer_step``
+        and pass ``gradients=False``."""
+        if gradients and self.sparsifier.capabilities.gradients:
+            self._hooks.append(optimizer.register_step_pre_hook(lambda opt, *_: self.observe_gradients(opt)))
         handle = optimizer.register_step_post_hook(lambda *_: self.apply_masks())
         self._hooks.append(handle)
         return handle
 
+    def observe_gradients(
+        self, optimizer: torch.optim.Optimizer | None = None, parameters: Mapping[str, torch.Tensor] | None = None
+    ) -> int:
+        """Hand the sparsifier (``capabilities.gradients``) each covered parameter that has a
+        gradient, with the gradient: those of ``optimizer`` when given, else all. ``parameters``
+        maps covered names to the live parameters when they are not the covered tensors
+        themselves (a sparsified copy of a network trained dense). Returns how many were handed."""
+        if not self.sparsifier.capabilities.gradients:
+            return 0
+        live = dict(parameters) if parameters is not None else self.tensors
+        if optimizer is not None:
+            wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            live = {n: p for n, p in live.items() if id(p) in wanted}
+        handed = 0
+        for name, param in live.items():
+            grad = param.grad
+            if grad is not None and name in self.tensors:
+                self.sparsifier.observe_gradient(name, param, grad)
+                handed += 1
+        return handed
+
     def detach(self) -> None:
+        """Remove every hook this controller registered (optimizer hooks)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
@@ -269,34 +342,48 @@ class SparsityController:
         self.detach()
 
     # -- calibration -------------------------------------------------------------------------
-    def calibrate(self, batches: Iterable[Any]) -> int:
-        """Run ``batches`` through the module so a sparsifier that needs activations can observe
-        them. Returns the number of batches seen (0 when the sparsifier needs none)."""
-        if not self.sparsifier.needs_calibration:
+    def calibrate(self, batches: Iterable[Any], loss_fn: Callable[[Any, Any], torch.Tensor] | None = None) -> int:
+        """Give a sparsifier that needs data what it needs; returns the number of batches (0 when
+        it needs none).
+
+        Activations (``capabilities.calibration``): each batch is model inputs (a tensor, a tuple
+        of positional inputs or a dict of keyword inputs). Without ``sequential`` the batches run
+        through the model now (in eval mode, without gradients); with it they are kept and the
+        next mask update calibrates and prunes block by block. Gradients
+        (``capabilities.gradients``): ``loss_fn`` is required and each batch is
+        ``(inputs, targets)``; ``loss_fn(model(inputs), targets)`` is differentiated per batch."""
+        caps = self.sparsifier.capabilities
+        if not (caps.calibration or caps.gradients):
             return 0
         if not isinstance(self.target, nn.Module):
-            raise TypeError("calibration needs an nn.Module target, not a mapping of tensors")
-        self.sparsifier.reset_calibration()
-        handles = []
-        for name, (module, _) in self.owners.items():
-            handles.append(
-                module.register_forward_pre_hook(
-                    lambda mod, inputs, name=name: self.sparsifier.observe(name, mod, inputs)
-                )
+            raise TypeError(
+                f"sparsifier {self.sparsifier.name!r} needs {'activations' if caps.calibration else 'gradients'}: "
+                f"calibration needs an nn.Module target, not a mapping of tensors"
             )
-        seen = 0
+        if caps.gradients and loss_fn is None:
+            raise ValueError(
+                f"sparsifier {self.sparsifier.name!r} needs gradients: pass loss_fn=... with (inputs, targets) "
+                f"calibration batches (in training, attach(optimizer) hands it the gradients instead)"
+            )
+        if loss_fn is not None and not caps.gradients:
+            raise ValueError(f"loss_fn was given, but sparsifier {self.sparsifier.name!r} does not use gradients")
+        self.sparsifier.reset_calibration()
         was_training = self.target.training
         self.target.eval()
         try:
-            with torch.no_grad():
-                for batch in batches:
-                    self.target(*batch) if isinstance(batch, tuple) else self.target(batch)
-                    seen += 1
+            if caps.gradients:
+                assert loss_fn is not None
+                batches = list(batches)
+                seen = _calibration.gradients(self, batches, loss_fn)
+                if caps.calibration:
+                    _calibration.dense(self, [inputs for inputs, _ in batches])
+                return seen
+            if self._blocks is not None:
+                self._pending = list(batches)
+                return len(self._pending)
+            return _calibration.dense(self, batches)
         finally:
             self.target.train(was_training)
-            for h in handles:
-                h.remove()
-        return seen
 
     # -- reporting and state -----------------------------------------------------------------
     def report(self) -> SparsityReport:
