@@ -57,6 +57,31 @@ def _call(method: Callable[..., Any], *args: Any, context: MaskContext) -> Any:
     return method(*args, context=context) if _takes_context(func) else method(*args)
 
 
+def _check_tensor(name: str, tensor: torch.Tensor) -> None:
+    """Tensors no mask can be made for, refused with what to do (never a raw ``.item()`` error)."""
+    if isinstance(tensor, nn.parameter.UninitializedParameter):
+        raise ValueError(
+            f"covered tensor {name!r} is a lazy parameter that is not initialised yet: run one forward pass "
+            f"(or call the module once) before sparsifying"
+        )
+    if tensor.is_meta:
+        raise ValueError(
+            f"covered tensor {name!r} is on the meta device (no values): materialise the model first, e.g. "
+            f"model.to_empty(device='cpu') and load its weights"
+        )
+    if type(tensor).__name__ == "DTensor" or hasattr(tensor, "_local_tensor") or getattr(tensor, "_is_flat_param", False):
+        raise ValueError(
+            f"covered tensor {name!r} is sharded ({type(tensor).__name__}): sharded parameters (FSDP, DeepSpeed) "
+            f"are not supported by this version; sparsify the full model before sharding it, or after "
+            f"gathering it"
+        )
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        raise ValueError(
+            f"covered tensor {name!r} has dtype {tensor.dtype}: masks are made for floating-point weights; "
+            f"exclude it (exclude=['{name}'])"
+        )
+
+
 def _still_masked(tensor: torch.Tensor, mask: torch.Tensor) -> bool:
     """A spot check: no pruned element among :data:`SPOT_CHECK` fixed positions is nonzero."""
     n = tensor.numel()
@@ -109,6 +134,8 @@ class SparsityController:
             self._blocks = _calibration.find_blocks(target, sequential)
             self._check_sequential_scope()
         selection = select_tensors(target, self.sparsifier)
+        for name, tensor in selection.tensors.items():
+            _check_tensor(name, tensor)
         names = list(selection.tensors)
         self.tensors: dict[str, torch.Tensor] = selection.tensors
         #: Each covered tensor's layer kind and orientation (empty for a mapping target).

@@ -175,3 +175,34 @@ def test_load_state_dict_zeroes_the_optimizer_state_too() -> None:
     c.load_state_dict(saved_state())
     exp_avg = opt.state[model[0].weight]["exp_avg"]
     assert bool((exp_avg[~c.masks["0.weight"]] == 0).all())
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: nn.Sequential(nn.LazyLinear(4)), r"'0.weight' is a lazy parameter that is not initialised yet: run one forward"),
+        (lambda: nn.Sequential(nn.Linear(4, 4, device="meta")), r"'0.weight' is on the meta device .* materialise"),
+        (lambda: {"w": torch.ones(4, 4, dtype=torch.bool)}, r"'w' has dtype torch.bool: masks are made for floating-point"),
+        (lambda: {"w": torch.ones(4, 4, dtype=torch.int64)}, r"'w' has dtype torch.int64"),
+    ],
+)
+def test_tensors_no_mask_can_be_made_for_are_refused_with_what_to_do(make: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        sc.SparsityController(make(), "magnitude", {"sparsity_level": 0.5})
+
+
+def test_a_dtensor_is_refused_naming_the_tensor() -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29581", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = distribute_tensor(torch.randn(8, 8), mesh, [Shard(0)])
+        with pytest.raises(ValueError, match=r"'w' is sharded \(DTensor\)"):
+            sc.SparsityController({"w": sharded}, "magnitude", {"sparsity_level": 0.5})
+    finally:
+        dist.destroy_process_group()
