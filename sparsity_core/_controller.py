@@ -24,6 +24,8 @@ from ._targets import select_tensors
 STATE_VERSION = 2
 #: Elements of each tensor looked at by squash() before it trusts that the tensor is still masked.
 SPOT_CHECK = 1024
+#: Tensors of at most this many elements are re-masked together, one foreach multiply per dtype.
+SMALL_TENSOR = 4096
 
 _Fused = Callable[[Mapping[str, torch.Tensor], Mapping[str, float], dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 
@@ -150,6 +152,7 @@ class SparsityController:
         self.t: float | None = None
         self._hooks: list[Any] = []
         self._optimizers: list[torch.optim.Optimizer] = []  # attached: their state follows the masks
+        self._plan: tuple[dict[str, torch.Tensor], list[tuple[Any, Any]]] | None = None
         # name -> (mask, tensor version, data pointer) when this controller last masked the tensor
         self._masked: dict[str, tuple[torch.Tensor, int, int]] = {}
         # name -> (mask, whether it prunes anything)
@@ -288,10 +291,40 @@ class SparsityController:
         weights without telling autograd (fused optimizers do not bump the version counter)."""
         if self.owners:
             self._follow_live_parameters()
-        for name, mask in (self.masks if masks is None else masks).items():
+        if masks is None:  # every mask, after an optimizer step: the hot path
+            for tensors, group in self._apply_plan():
+                if isinstance(tensors, list):
+                    torch._foreach_mul_(tensors, group)
+                else:
+                    apply_mask_(tensors, group)
+            return
+        for name, mask in masks.items():
             if self._prunes(name, mask):
                 apply_mask_(self.tensors[name], mask)
             self._note_masked(name, mask)
+
+    def _apply_plan(self) -> list[tuple[Any, Any]]:
+        """How :meth:`apply_masks` applies the current masks, worked out once per set of masks:
+        tensors with a mask that prunes something; the small ones grouped by dtype and device
+        into one foreach multiply each (with many small tensors, per-tensor calls are the cost)."""
+        plan = self._plan
+        if plan is not None and plan[0] is self.masks:
+            return plan[1]
+        steps: list[tuple[Any, Any]] = []
+        groups: dict[tuple[torch.dtype, torch.device], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for name, mask in self.masks.items():
+            if not self._prunes(name, mask):
+                continue
+            tensor = self.tensors[name]
+            if tensor.numel() <= SMALL_TENSOR:
+                ts, ms = groups.setdefault((tensor.dtype, tensor.device), ([], []))
+                ts.append(tensor.detach())
+                ms.append(mask)
+            else:
+                steps.append((tensor, mask))
+        steps.extend(groups.values())
+        self._plan = (self.masks, steps)
+        return steps
 
     def _prunes(self, name: str, mask: torch.Tensor) -> bool:
         """Whether ``mask`` prunes anything (worked out once per mask object): an all-True mask
@@ -422,6 +455,7 @@ class SparsityController:
                 )
             self.tensors[name] = live
             self._masked.pop(name, None)
+            self._plan = None
 
     # -- calibration -------------------------------------------------------------------------
     def calibrate(self, batches: Iterable[Any], loss_fn: Callable[[Any, Any], torch.Tensor] | None = None) -> int:
