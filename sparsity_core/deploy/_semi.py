@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from .._layers import kind_of, layout_of
 
 HALF_DTYPES: Final = (torch.float16, torch.bfloat16)
-# the CUTLASS packing used for the CPU layout check wants rows % 32 and columns % 16 (fp16/bf16)
+# the CUTLASS packing used for the CPU layout check: its fp16/bf16 block (rows % 32, columns % 64)
 _CUTLASS_ROWS: Final = 32
-_CUTLASS_COLS: Final = 16
+_CUTLASS_COLS: Final = 64
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def packing_round_trip(weight: Tensor) -> bool:
     )
 
     rows, cols = weight.shape
-    padded = F.pad(weight.detach(), (0, -cols % _CUTLASS_COLS, 0, -rows % _CUTLASS_ROWS))
+    padded = F.pad(weight.detach(), (0, -cols % _CUTLASS_COLS, 0, -rows % _CUTLASS_ROWS)).contiguous()
     packed, meta = sparse_semi_structured_from_dense_cutlass(padded)
     if packed.numel() * 2 != padded.numel():  # it keeps exactly half the elements
         return False
