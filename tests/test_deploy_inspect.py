@@ -147,3 +147,32 @@ def test_missing_file(tmp_path):
 def test_help_lists_inspect():
     out = subprocess.run([sys.executable, "-m", "sparsity_core.cli", "--help"], capture_output=True, text=True).stdout
     assert "inspect" in out
+
+
+def test_inspect_in_process_for_the_quick_loop(tmp_path, capsys):
+    """The same command without a subprocess (not slow): every format through ``main``."""
+    from sparsity_core.cli import main
+
+    torch.save(state(), tmp_path / "a.pt")
+    torch.save({"state_dict": state(), "epoch": 3}, tmp_path / "b.ckpt")
+    save_file(state(), tmp_path / "c.safetensors")
+    save_sparse(state(), tmp_path / "d.safetensors")
+    formats = []
+    for name in ("a.pt", "b.ckpt", "c.safetensors", "d.safetensors"):
+        assert main(["inspect", str(tmp_path / name), "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        check_json(info, "")
+        formats.append(info["format"])
+    assert formats == ["torch state dict", "Lightning checkpoint (state_dict)", "safetensors",
+                       "sparsity-core compressed safetensors (sparse-bitmask)"]
+
+
+def test_nm_patterns_along_the_last_dim():
+    from sparsity_core.deploy._inspect import nm_patterns
+
+    one_in_four = torch.zeros(2, 8)
+    one_in_four[:, ::4] = 1.0
+    assert nm_patterns(one_in_four) == ("1:2", "1:4", "2:4", "2:8", "4:8")
+    assert nm_patterns(torch.ones(2, 8)) == ()
+    assert nm_patterns(torch.ones(2, 6)[:, :6] * torch.tensor([1.0, 0, 1, 0, 1, 0])) == ("1:2",)  # 6 % 4 != 0
+    assert nm_patterns(torch.ones(8)) is None and nm_patterns(torch.ones(2, 2, 4)) is None
