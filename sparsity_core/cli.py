@@ -207,7 +207,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                       f"{info['overall']:.2%}", "", "")
         console = _console()
         console.print(table)
-        console.print(f"tensors of rank >= 2: {info['weights_overall']:.2%} zeros. {AXIS_NOTE}.")
+        console.print(f"tensors of rank >= 2: {info['weights_overall']:.2%} zeros. {AXIS_NOTE}.", markup=False)
     if args.plot:
         print(f"wrote a bar chart of {bars} tensors to {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0

@@ -102,7 +102,7 @@ def test_compressed_file_table_and_plot(tmp_path):
     out = run(str(tmp_path / "model.sparse.safetensors"), "--plot", str(png)).stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"wrote a bar chart of 4 tensors to {png}" in out  # the 4 tensors of rank >= 2
-    for text in ("fc1.weight", "50.00%", "2:4", "sparse-bitmask", "overall", "last dim"):
+    for text in ("fc1.weight", "50.00%", "2:4", "sparse-bitmask", "overall", "last dim", "[out, in]"):
         assert text in out, text
 
 

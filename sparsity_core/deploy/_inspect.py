@@ -156,6 +156,8 @@ def plot(stats: list[TensorStats], out: str | os.PathLike[str], title: str) -> i
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.3 * len(shown) + 1.2)), dpi=110)
     ax.barh(range(len(shown)), [100 * s.sparsity for s in shown], color="tab:red")
     ax.set_yticks(range(len(shown)), [s.name for s in shown], fontsize=8)
+    for i, s in enumerate(shown):
+        ax.text(min(100 * s.sparsity + 1, 88), i, f"{s.sparsity:.1%}", va="center", fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
     ax.set_xlabel("zeros (%)")
