@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -70,6 +72,8 @@ def test_cpu_path_validates_each_linear_and_says_why_not():
     # nothing changed on CPU
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert "1 valid but left dense" in report.table()
+    as_json = json.loads(json.dumps(report.to_dict()))
+    assert {layer["name"]: layer["status"] for layer in as_json["layers"]}["sparse"] == "valid"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
