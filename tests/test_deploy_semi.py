@@ -109,3 +109,5 @@ def test_gpu_path_converts_and_matches_the_dense_output():
 
     assert isinstance(net["sparse"].weight, SparseSemiStructuredTensor)
     torch.testing.assert_close(net["sparse"](x), expected, rtol=1e-2, atol=1e-2)
+    again = to_semi_structured(net)  # a second call leaves converted layers alone
+    assert again.converted == ["sparse"] and "already" in again.layers[0].reason

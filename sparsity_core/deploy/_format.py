@@ -173,8 +173,6 @@ def save_sparse(model_or_state_dict: nn.Module | Mapping[str, Tensor], path: str
             )
             storage[name] = LAYOUT
             continue
-        if name in out:
-            raise ValueError(f"save_sparse: tensor {name!r} collides with a key of a compressed tensor")
         dense = t.detach().cpu()
         ptr = dense.untyped_storage().data_ptr()
         # safetensors refuses views and tensors that share memory (tied weights): write copies

@@ -138,14 +138,20 @@ def _check(name: str, module: nn.Module, backend: type) -> tuple[LayerConversion
     """The layer's verdict before conversion, and its [out, in] weight when it can be converted."""
     kind = kind_of(module)
     assert kind is not None
+    from torch.sparse import SparseSemiStructuredTensor
+
     weight: Tensor = module.weight
     layout = layout_of(module, "weight")
-    matrix = layout.matrix(weight.detach())  # [out, in]: the Linear-equivalent weight
+    # [out, in]: the Linear-equivalent weight (a converted weight has no strided view: not needed)
+    matrix = weight if isinstance(weight, SparseSemiStructuredTensor) else layout.matrix(weight.detach())
     base = dict(name=name, kind=kind.name, shape=tuple(weight.shape), dtype=str(weight.dtype).removeprefix("torch."),
                 device=str(weight.device))
 
     def verdict(status: str, reason: str) -> tuple[LayerConversion, Tensor | None]:
         return LayerConversion(**base, status=status, reason=reason), (matrix if status == "valid" else None)
+
+    if isinstance(weight, SparseSemiStructuredTensor):
+        return verdict("converted", "already a semi-structured sparse tensor")
 
     if weight.dtype not in HALF_DTYPES:
         return verdict("skipped", f"dtype {base['dtype']}: semi-structured sparse kernels take float16/bfloat16 "
