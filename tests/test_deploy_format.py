@@ -68,6 +68,16 @@ def test_round_trip_is_bit_exact_for_every_float_dtype_and_pattern(tmp_path, dty
     loaded = load_sparse(tmp_path / "m.safetensors")
 
     assert list(loaded) == list(state)  # the saved order
+    # the payload is exactly values + 1 bit per element (rows padded to bytes) + row offsets + shape
+    expected_payload = 0
+    for name, t in state.items():
+        if saved.storage[name] == "sparse-bitmask":
+            rows, cols = t.numel() // t.shape[-1], t.shape[-1]
+            expected_payload += int((t != 0).sum()) * t.element_size() + rows * -(-cols // 8) + rows * 8 + t.dim() * 8
+        else:
+            expected_payload += t.numel() * t.element_size()
+    (header,) = struct.unpack("<Q", (tmp_path / "m.safetensors").read_bytes()[:8])
+    assert saved.file_bytes - 8 - header == expected_payload
     assert saved.storage["fc.weight"] == "sparse-bitmask" and saved.storage["fc.bias"] == "dense"
     for name, t in state.items():
         assert loaded[name].dtype == t.dtype and loaded[name].shape == t.shape, name
@@ -92,17 +102,25 @@ def test_negative_zero_is_a_zero_and_comes_back_as_positive_zero(tmp_path):
     assert torch.signbit(load_sparse(tmp_path / "d.safetensors")["d"][0])
 
 
-@pytest.mark.parametrize("dtype,bound", [(torch.float32, 0.14), (torch.bfloat16, 0.175)])
-def test_size_at_90_percent_is_within_the_bound(tmp_path, dtype, bound):
+@pytest.mark.parametrize(
+    "dtype,pattern,bound",
+    [
+        (torch.float32, "0.9", 0.14),  # the bound: 0.1 + 1/32 + row offsets and header
+        (torch.bfloat16, "0.9", 0.175),  # 0.1 + 1/16 + ...
+        (torch.float32, "2:4", 0.54),
+        (torch.bfloat16, "2:4", 0.57),
+        (torch.float32, "0.5", 0.54),
+    ],
+)
+def test_file_size_is_within_the_bound(tmp_path, dtype, pattern, bound):
     gen = torch.Generator().manual_seed(0)
-    layers = {f"h.{i}.weight": torch.randn(512, 1024, generator=gen).to(dtype) for i in range(2)}
-    state = {k: v * (torch.rand(v.shape, generator=gen) >= 0.9) for k, v in layers.items()}
+    state = {f"h.{i}.weight": pruned(torch.randn(512, 1024, generator=gen), pattern, gen).to(dtype) for i in range(2)}
     save_file(state, tmp_path / "dense.safetensors")
     saved = save_sparse(state, tmp_path / "sparse.safetensors")
     ratio = saved.file_bytes / (tmp_path / "dense.safetensors").stat().st_size
-    # values (10%) + 1 bit per element + 8-byte row offsets: 0.1 + 1/32 + 0.002 for fp32
     assert ratio <= bound, ratio
-    assert ratio > 0.1 + 1 / (8 * torch.finfo(dtype).bits) - 0.01  # no value was lost to make it small
+    kept = 0.5 if pattern == "2:4" else 1 - float(pattern)
+    assert ratio > kept * 0.95 + 1 / torch.finfo(dtype).bits  # nothing was lost to make it small
 
 
 def test_each_tensor_takes_the_smaller_storage(tmp_path):
