@@ -198,10 +198,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
     else:
-        table = _table(f"{args.path}: {fmt}", ["tensor", "shape", "dtype", "params", "zeros", "sparsity", "storage", "N:M"])
+        from rich.markup import escape  # tensor names and paths are text, not markup
+
+        table = _table(escape(f"{args.path}: {fmt}"), ["tensor", "shape", "dtype", "params", "zeros", "sparsity", "storage", "N:M"])
         for s in stats:
             nm = "-" if s.patterns is None else (", ".join(s.patterns) or "none")
-            table.add_row(s.name, "x".join(map(str, s.shape)) or "scalar", s.dtype, f"{s.numel:,}", f"{s.zeros:,}",
+            table.add_row(escape(s.name), "x".join(map(str, s.shape)) or "scalar", s.dtype, f"{s.numel:,}", f"{s.zeros:,}",
                           f"{s.sparsity:.2%}", s.storage, nm)
         table.add_row("overall", "", "", f"{sum(s.numel for s in stats):,}", f"{sum(s.zeros for s in stats):,}",
                       f"{info['overall']:.2%}", "", "")
