@@ -65,14 +65,18 @@ class SparseGPTSpec(ScoreSpec):
 
     @field_validator("pattern")
     @classmethod
-    def _only_unstructured_or_nm(cls, value: str) -> str:
-        kind = parse_pattern(value).kind
+    def _check_pattern(cls, value: str) -> str:  # replaces ScoreSpec's: other choices, other words
+        try:
+            kind = parse_pattern(value).kind
+        except ValueError:
+            kind = None
         if kind not in ("unstructured", "n:m"):
+            why = {"channel": ": it prunes single weights, not whole output channels", "block": ": it prunes single weights, not blocks"}
             raise ValueError(
-                f"sparsegpt supports pattern 'unstructured' or 'N:M' (e.g. '2:4'), got {value.strip()!r}: "
-                f"the sweep prunes single weights, not {'output channels' if kind == 'channel' else 'blocks'}"
+                f"sparsegpt supports pattern 'unstructured' or 'N:M' with 0 < N <= M (e.g. '2:4'); "
+                f"got {value.strip()!r}{why.get(kind or '', '')}"
             )
-        return value
+        return value.strip()
 
     @field_validator("scope")
     @classmethod
