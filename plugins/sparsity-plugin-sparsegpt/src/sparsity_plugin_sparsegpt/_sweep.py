@@ -8,7 +8,10 @@ arranged to cost fewer passes over memory:
 - each column costs four in-place kernels (the error in two, a fused rank-1 update ``addr_`` of
   the rest of the block, the pruned positions zeroed), where the reference allocates the rank-1
   product, indexes by a boolean mask and records per-weight losses it never returns;
-- the lazy update of the columns after a block is one fused ``addmm_``.
+- the reference's lazy batching is applied once more inside each block: columns are updated one
+  by one only within runs of :data:`INNER`, and each run's effect on the rest of the block is one
+  fused ``addmm_`` (as is the effect of a block on the columns after it);
+- the unstructured selection of a block is a ``kthvalue`` selection, not a full sort.
 
 Two deliberate differences from the reference, both in what is pruned, not how:
 
@@ -27,6 +30,10 @@ from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import torch
+
+
+#: Columns per run of one-by-one updates inside a block (see :func:`sweep`).
+INNER = 16
 
 
 class SweepResult(NamedTuple):
@@ -128,6 +135,10 @@ def sweep(
     else:
         n, m = nm
         prune_per_group = min(math.floor(level * m + 0.5), m - n)
+    # Columns updated one by one within runs of ``inner``, each run's effect on the rest of the
+    # block applied in one product: the same sums, far fewer passes over the block. A run holds
+    # whole N:M groups, so a group is chosen from fully updated weights as in the reference.
+    inner = INNER if nm is None else max(1, INNER // m) * m
 
     for b, i1 in enumerate(range(0, cols, block_size)):
         i2 = min(i1 + block_size, cols)
@@ -140,18 +151,22 @@ def sweep(
             pf1 = p1.to(wt.dtype)
         else:
             pf1 = torch.zeros(count, rows, dtype=wt.dtype, device=wt.device)
-        for i in range(count):
-            if nm is not None and i % m == 0:
-                g = min(m, count - i)
-                k = prune_per_group if g == m else min(prune_per_group, max(g - n, 0))
-                _choose_group(w1[i : i + g], d1[i : i + g], f1[i : i + g] if f1 is not None else None, k, p1[i : i + g])
-                pf1[i : i + g] = p1[i : i + g]
-            row = w1[i]
-            # err_i = (w_i - q_i) / d_i, with q_i = w_i where kept and 0 where pruned
-            torch.div(row, d1[i], out=e1[i]).mul_(pf1[i])
-            if i + 1 < count:
-                w1[i + 1 :].addr_(h1[i, i + 1 :], e1[i], alpha=-1.0)
-            row.masked_fill_(p1[i], 0.0)
+        for s1 in range(0, count, inner):
+            s2 = min(s1 + inner, count)
+            for i in range(s1, s2):
+                if nm is not None and i % m == 0:
+                    g = min(m, count - i)
+                    k = prune_per_group if g == m else min(prune_per_group, max(g - n, 0))
+                    _choose_group(w1[i : i + g], d1[i : i + g], f1[i : i + g] if f1 is not None else None, k, p1[i : i + g])
+                    pf1[i : i + g] = p1[i : i + g]
+                row = w1[i]
+                # err_i = (w_i - q_i) / d_i, with q_i = w_i where kept and 0 where pruned
+                torch.div(row, d1[i], out=e1[i]).mul_(pf1[i])
+                if i + 1 < s2:
+                    w1[i + 1 : s2].addr_(h1[i, i + 1 : s2], e1[i], alpha=-1.0)
+                row.masked_fill_(p1[i], 0.0)
+            if s2 < count:  # the rest of the block, lazily (the reference's own trick, one level down)
+                w1[s2:].addmm_(h1[s1:s2, s2:].t(), e1[s1:s2], alpha=-1.0)
         if i2 < cols:
             wt[i2:].addmm_(hinv[i1:i2, i2:].t(), e1, alpha=-1.0)
     return SweepResult(wt.t().contiguous(), pruned_t.t().contiguous())
@@ -164,16 +179,19 @@ def _choose_block(w1: torch.Tensor, d1: torch.Tensor, forced: torch.Tensor | Non
 
     if k <= 0:
         return
-    score = w1.square() / d1.square().unsqueeze(1)
+    score = (w1 * w1).div_((d1 * d1).unsqueeze(1))
     if forced is not None:
         score.masked_fill_(forced, -math.inf)
     flat = score.t().reshape(-1)  # the matrix's row-major order, for the tie rule
     if k >= flat.numel():
         out.fill_(True)
         return
-    idx = torch.argsort(flat, stable=True)[:k]
-    count = w1.shape[0]
-    out[idx % count, idx // count] = True
+    # the k lowest, ties to the lower index (what a stable sort gives), by selection, not sorting
+    cut = flat.kthvalue(k).values
+    chosen = flat < cut
+    ties = torch.nonzero(flat == cut).view(-1)[: k - int(chosen.sum())]
+    chosen[ties] = True
+    out.copy_(chosen.view(score.shape[1], score.shape[0]).t())
 
 
 def _choose_group(w: torch.Tensor, d: torch.Tensor, forced: torch.Tensor | None, k: int, out: torch.Tensor) -> None:
@@ -182,7 +200,7 @@ def _choose_group(w: torch.Tensor, d: torch.Tensor, forced: torch.Tensor | None,
 
     if k <= 0:
         return
-    score = w.square() / d.square().unsqueeze(1)
+    score = (w * w).div_((d * d).unsqueeze(1))
     if forced is not None:
         score.masked_fill_(forced, -math.inf)
     out.scatter_(0, torch.topk(score, k, dim=0, largest=False).indices, True)
