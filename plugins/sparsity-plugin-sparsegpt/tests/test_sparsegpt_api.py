@@ -236,3 +236,32 @@ def test_conv_model_is_pruned_through_sparsify() -> None:
     assert report.overall == pytest.approx(0.5)
     kept = model[2].weight.detach().permute(0, 2, 3, 1).reshape(8, 9, 2, 4).ne(0).sum(-1)
     assert bool((kept <= 2).all())
+
+
+@pytest.mark.slow
+def test_ddp_ranks_sum_their_hessians_and_agree(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two gloo ranks, each calibrated on other batches, prune alike, and as one process would
+    on all the batches."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("ddp_sparsegpt_ranks.py")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert torch.equal(ranks[0]["mask"], ranks[1]["mask"])
+    assert torch.equal(ranks[0]["weight"], ranks[1]["weight"])
+
+    sys.path.insert(0, str(script.parent))
+    try:
+        from ddp_sparsegpt_ranks import layer_and_batches
+    finally:
+        sys.path.remove(str(script.parent))
+    layer, batches = layer_and_batches()
+    alone = SparseGPT({"sparsity_level": 0.5, "block_size": 8})
+    for x in batches:
+        alone.observe("weight", layer, (x,))
+    expected = alone.compute_masks({"weight": layer.weight}, {"weight": 0.5})
+    assert torch.equal(ranks[0]["mask"], expected.masks["weight"])
+    torch.testing.assert_close(ranks[0]["weight"], expected.weights["weight"], rtol=1e-4, atol=1e-5)
