@@ -308,3 +308,17 @@ def test_spec_refuses_what_the_sweep_cannot_do(args: dict[str, object], field: s
 def test_nm_fixes_the_level() -> None:
     assert SparseGPT({"pattern": "2:4"}).spec.sparsity_level == 0.5
     assert SparseGPT({"pattern": "1:4"}).spec.sparsity_level == 0.75
+
+
+def test_nested_nm_prunes_the_forced_weights_and_completes_each_group() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(32, 8)
+    sparsegpt = calibrated(layer, [correlated_inputs(120, 32, seed=6)], pattern="2:4", block_size=8)
+    gen = torch.Generator().manual_seed(8)
+    keep_now = torch.rand(layer.weight.shape, generator=gen) > 0.4
+    result = sparsegpt.compute_masks({"weight": layer.weight}, {"weight": 0.5}, MaskContext(current={"weight": keep_now}))
+    mask = result.masks["weight"]
+    assert not bool((mask & ~keep_now).any()), "a currently pruned weight was revived"
+    forced_per_group = (~keep_now).view(8, 8, 4).sum(-1)
+    pruned_per_group = (~mask).view(8, 8, 4).sum(-1)
+    assert torch.equal(pruned_per_group, forced_per_group.clamp(min=2))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from sparsity_core import Capabilities, MaskContext, Reconstruction, ScoreSpec, Sparsifier, hookimpl
-from sparsity_core._specs import parse_pattern
+from sparsity_core._specs import parse_pattern  # not exported; the validator runs before parsed_pattern exists
 
 if TYPE_CHECKING:
     # torch is imported where it is used: discovery (`sparsity list`) must not pay for it.
@@ -90,7 +90,7 @@ class SparseGPTSpec(ScoreSpec):
 
     @model_validator(mode="after")
     def _block_holds_whole_groups(self) -> SparseGPTSpec:
-        pattern = parse_pattern(self.pattern)
+        pattern = self.parsed_pattern
         if pattern.kind == "n:m" and self.block_size % pattern.b:
             raise ValueError(
                 f"block_size={self.block_size} must be a multiple of M={pattern.b} for pattern {self.pattern!r}: "
@@ -207,7 +207,7 @@ class SparseGPT(Sparsifier):
                 if not 0.0 <= level <= 1.0:
                     raise ValueError(f"level for {name!r} must be in [0, 1], got {level}")
                 spec = self.spec_for(name)
-                pattern = parse_pattern(spec.pattern)  # type: ignore[attr-defined]
+                pattern = spec.parsed_pattern  # type: ignore[attr-defined]
                 layout = stats.layout  # the order H's columns were gathered in
                 keep_now = current.get(name)
                 forced = None if keep_now is None else ~layout.matrix(keep_now.to(device=tensor.device, dtype=torch.bool))
