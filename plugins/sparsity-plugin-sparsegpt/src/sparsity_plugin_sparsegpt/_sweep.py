@@ -6,7 +6,7 @@ arranged to cost fewer passes over memory:
 - it works on ``W.t()`` (a copy), so that column ``i`` of ``W``, which the sweep reads, prunes and
   updates one at a time, is one contiguous row;
 - each column costs four in-place kernels (the error in two, a fused rank-1 update ``addr_`` of
-  the rest of the block, the pruned positions zeroed), where the reference allocates the rank-1
+  the rest of its run, the pruned positions zeroed by a multiply), where the reference allocates the rank-1
   product, indexes by a boolean mask and records per-weight losses it never returns;
 - the reference's lazy batching is applied once more inside each block: columns are updated one
   by one only within runs of :data:`INNER`, and each run's effect on the rest of the block is one
@@ -149,8 +149,13 @@ def sweep(
         if nm is None:
             _choose_block(w1, d1, f1, quotas[b], p1)
             pf1 = p1.to(wt.dtype)
-        else:
+            kf1 = (~p1).to(wt.dtype)
+        else:  # filled group by group as the sweep reaches them
             pf1 = torch.zeros(count, rows, dtype=wt.dtype, device=wt.device)
+            kf1 = torch.ones(count, rows, dtype=wt.dtype, device=wt.device)
+        # one view per column, made once per block (indexing one by one costs more than the work)
+        w_rows, e_rows, h_rows, d_vals = w1.unbind(0), e1.unbind(0), h1.unbind(0), d1.unbind(0)
+        pf_rows, kf_rows = pf1.unbind(0), kf1.unbind(0)
         for s1 in range(0, count, inner):
             s2 = min(s1 + inner, count)
             for i in range(s1, s2):
@@ -159,12 +164,13 @@ def sweep(
                     k = prune_per_group if g == m else min(prune_per_group, max(g - n, 0))
                     _choose_group(w1[i : i + g], d1[i : i + g], f1[i : i + g] if f1 is not None else None, k, p1[i : i + g])
                     pf1[i : i + g] = p1[i : i + g]
-                row = w1[i]
+                    kf1[i : i + g] = ~p1[i : i + g]
+                row, e = w_rows[i], e_rows[i]
                 # err_i = (w_i - q_i) / d_i, with q_i = w_i where kept and 0 where pruned
-                torch.div(row, d1[i], out=e1[i]).mul_(pf1[i])
+                torch.div(row, d_vals[i], out=e).mul_(pf_rows[i])
                 if i + 1 < s2:
-                    w1[i + 1 : s2].addr_(h1[i, i + 1 : s2], e1[i], alpha=-1.0)
-                row.masked_fill_(p1[i], 0.0)
+                    w1[i + 1 : s2].addr_(h_rows[i][i + 1 : s2], e, alpha=-1.0)
+                row.mul_(kf_rows[i])  # q_i (a multiply: far cheaper than masked_fill_ here)
             if s2 < count:  # the rest of the block, lazily (the reference's own trick, one level down)
                 w1[s2:].addmm_(h1[s1:s2, s2:].t(), e1[s1:s2], alpha=-1.0)
         if i2 < cols:
