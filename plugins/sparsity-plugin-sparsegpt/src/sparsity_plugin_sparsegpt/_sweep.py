@@ -122,7 +122,8 @@ def sweep(
     # [cols, rows], a copy even when weight.t() is already contiguous: column i of W is row i here
     wt = weight.t().clone(memory_format=torch.contiguous_format)
     wt[dead] = 0.0
-    pruned_t = torch.zeros(cols, rows, dtype=torch.bool, device=weight.device)
+    # 1.0 where pruned: floats, so that the per-column error and q_i are plain multiplies
+    pruned_t = torch.zeros(cols, rows, dtype=wt.dtype, device=weight.device)
     forced_t = forced.t() if forced is not None else None
     diag = hinv.diagonal()
     err = torch.empty(min(block_size, cols), rows, dtype=wt.dtype, device=wt.device)
@@ -146,51 +147,50 @@ def sweep(
         w1, h1, d1, p1 = wt[i1:i2], hinv[i1:i2, i1:i2], diag[i1:i2], pruned_t[i1:i2]
         f1 = forced_t[i1:i2] if forced_t is not None else None
         e1 = err[:count]
+        d2 = (d1 * d1).unsqueeze(1)
         if nm is None:
-            _choose_block(w1, d1, f1, quotas[b], p1)
-            pf1 = p1.to(wt.dtype)
-            kf1 = (~p1).to(wt.dtype)
+            _choose_block(w1, d2, f1, quotas[b], p1)
+            k1 = 1.0 - p1
         else:  # filled group by group as the sweep reaches them
-            pf1 = torch.zeros(count, rows, dtype=wt.dtype, device=wt.device)
-            kf1 = torch.ones(count, rows, dtype=wt.dtype, device=wt.device)
+            k1 = torch.ones(count, rows, dtype=wt.dtype, device=wt.device)
         # one view per column, made once per block (indexing one by one costs more than the work)
         w_rows, e_rows, h_rows, d_vals = w1.unbind(0), e1.unbind(0), h1.unbind(0), d1.unbind(0)
-        pf_rows, kf_rows = pf1.unbind(0), kf1.unbind(0)
+        p_rows, k_rows = p1.unbind(0), k1.unbind(0)
         for s1 in range(0, count, inner):
             s2 = min(s1 + inner, count)
             for i in range(s1, s2):
                 if nm is not None and i % m == 0:
                     g = min(m, count - i)
                     k = prune_per_group if g == m else min(prune_per_group, max(g - n, 0))
-                    _choose_group(w1[i : i + g], d1[i : i + g], f1[i : i + g] if f1 is not None else None, k, p1[i : i + g])
-                    pf1[i : i + g] = p1[i : i + g]
-                    kf1[i : i + g] = ~p1[i : i + g]
+                    _choose_group(w1[i : i + g], d2[i : i + g], f1[i : i + g] if f1 is not None else None, k, p1[i : i + g])
+                    torch.sub(1.0, p1[i : i + g], out=k1[i : i + g])
                 row, e = w_rows[i], e_rows[i]
                 # err_i = (w_i - q_i) / d_i, with q_i = w_i where kept and 0 where pruned
-                torch.div(row, d_vals[i], out=e).mul_(pf_rows[i])
+                torch.div(row, d_vals[i], out=e).mul_(p_rows[i])
                 if i + 1 < s2:
                     w1[i + 1 : s2].addr_(h_rows[i][i + 1 : s2], e, alpha=-1.0)
-                row.mul_(kf_rows[i])  # q_i (a multiply: far cheaper than masked_fill_ here)
+                row.mul_(k_rows[i])  # q_i
             if s2 < count:  # the rest of the block, lazily (the reference's own trick, one level down)
                 w1[s2:].addmm_(h1[s1:s2, s2:].t(), e1[s1:s2], alpha=-1.0)
         if i2 < cols:
             wt[i2:].addmm_(hinv[i1:i2, i2:].t(), e1, alpha=-1.0)
-    return SweepResult(wt.t().contiguous(), pruned_t.t().contiguous())
+    return SweepResult(wt.t().contiguous(), pruned_t.t() > 0.5)
 
 
-def _choose_block(w1: torch.Tensor, d1: torch.Tensor, forced: torch.Tensor | None, k: int, out: torch.Tensor) -> None:
-    """Mark the ``k`` lowest ``w^2 / d^2`` of a block (``[count, rows]``, transposed) in ``out``,
-    forced positions first; ties go to the lower index of the ``[rows, count]`` matrix."""
+def _choose_block(w1: torch.Tensor, d2: torch.Tensor, forced: torch.Tensor | None, k: int, out: torch.Tensor) -> None:
+    """Set to 1 in ``out`` the ``k`` lowest ``w^2 / d^2`` of a block (``[count, rows]``, transposed;
+    ``d2``: ``d^2`` as a column), forced positions first; ties go to the lower index of the
+    ``[rows, count]`` matrix."""
     import torch
 
     if k <= 0:
         return
-    score = (w1 * w1).div_((d1 * d1).unsqueeze(1))
+    score = (w1 * w1).div_(d2)
     if forced is not None:
         score.masked_fill_(forced, -math.inf)
     flat = score.t().reshape(-1)  # the matrix's row-major order, for the tie rule
     if k >= flat.numel():
-        out.fill_(True)
+        out.fill_(1.0)
         return
     # the k lowest, ties to the lower index (what a stable sort gives), by selection, not sorting
     cut = flat.kthvalue(k).values
@@ -200,15 +200,16 @@ def _choose_block(w1: torch.Tensor, d1: torch.Tensor, forced: torch.Tensor | Non
     out.copy_(chosen.view(score.shape[1], score.shape[0]).t())
 
 
-def _choose_group(w: torch.Tensor, d: torch.Tensor, forced: torch.Tensor | None, k: int, out: torch.Tensor) -> None:
-    """Mark the ``k`` lowest ``w^2 / d^2`` of each row within a group of columns (``[g, rows]``)."""
+def _choose_group(w: torch.Tensor, d2: torch.Tensor, forced: torch.Tensor | None, k: int, out: torch.Tensor) -> None:
+    """Set to 1 in ``out`` the ``k`` lowest ``w^2 / d^2`` of each row within a group of columns
+    (``[g, rows]``); forced positions first, and all of them even when more than ``k``."""
     import torch
 
     if k <= 0:
         return
-    score = (w * w).div_((d * d).unsqueeze(1))
+    score = (w * w).div_(d2)
     if forced is not None:
         score.masked_fill_(forced, -math.inf)
-    out.scatter_(0, torch.topk(score, k, dim=0, largest=False).indices, True)
+    out.scatter_(0, torch.topk(score, k, dim=0, largest=False).indices, 1.0)
     if forced is not None:
-        out |= forced  # more forced than k: all of them stay pruned
+        out.masked_fill_(forced, 1.0)
