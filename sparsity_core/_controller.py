@@ -364,7 +364,11 @@ class SparsityController:
         closure instead. Lightning's callbacks deliver gradients from ``on_before_optimizer_step``
         and pass ``gradients=False``."""
         if gradients and self.sparsifier.capabilities.gradients:
-            self._hooks.append(optimizer.register_step_pre_hook(lambda opt, *_: self.observe_gradients(opt)))
+
+            def deliver(opt: torch.optim.Optimizer, *_: Any) -> None:  # a pre-hook must return None
+                self.observe_gradients(opt)
+
+            self._hooks.append(optimizer.register_step_pre_hook(deliver))
         handle = optimizer.register_step_post_hook(lambda *_: self.apply_masks())
         self._hooks.append(handle)
         if not any(o is optimizer for o in self._optimizers):
