@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -69,17 +69,33 @@ def sparsify(
     args: Args = None,
     *,
     calibration: Iterable[Any] | None = None,
+    sequential: str | Sequence[str] | None = None,
+    loss_fn: Callable[[Any, Any], Any] | None = None,
 ) -> SparsityReport:
     """Sparsify ``target`` (an ``nn.Module`` or a mapping of names to tensors) once, in place.
 
-    ``calibration`` is an iterable of model inputs, for sparsifiers that need activations.
+    ``calibration``: batches for sparsifiers that need data. Each is model inputs (a tensor, a
+    tuple of positional inputs, or a dict of keyword inputs, ``model(**batch)``) for sparsifiers
+    that need activations; ``(inputs, targets)`` with ``loss_fn(model(inputs), targets)`` for those
+    that need gradients. ``sequential``: a glob or list of block module names
+    (``"transformer.h.*"``, ``"model.layers.*"``): calibrate and prune one block at a time on the
+    outputs of the blocks already pruned, holding one block's statistics.
     Returns the per-name and overall sparsity of the covered tensors (prints as a table).
     """
     from ._controller import SparsityController
 
-    controller = SparsityController(target, sparsifier, args)
+    controller = SparsityController(target, sparsifier, args, sequential=sequential)
+    caps = controller.sparsifier.capabilities
+    if (caps.calibration or caps.gradients) and calibration is None:
+        need = "activations: pass calibration=batches of model inputs" if caps.calibration else (
+            "gradients: pass calibration=[(inputs, targets), ...] and loss_fn=..."
+        )
+        raise ValueError(f"sparsifier {controller.sparsifier.name!r} needs {need}")
     if calibration is not None:
-        controller.calibrate(calibration)
+        if controller.calibrate(calibration, loss_fn=loss_fn) == 0 and (caps.calibration or caps.gradients):
+            raise ValueError(f"sparsifier {controller.sparsifier.name!r} needs calibration data, but calibration= was empty")
+    elif loss_fn is not None:
+        raise ValueError("loss_fn= needs calibration=[(inputs, targets), ...] batches")
     controller.step()
     controller.squash()
     return controller.report()

@@ -5,17 +5,21 @@ The callbacks are thin wrappers on it; plain PyTorch loops use it directly.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import _calibration
 from ._api import Args, create_scheduler, create_sparsifier
 from ._base import Scheduler, Sparsifier
+from ._contract import MaskContext, Reconstruction
 from ._engine import apply_mask_, check_masks
 from ._report import SparsityReport
-from ._targets import named_tensors, owner_modules
+from ._targets import select_tensors
 
 STATE_VERSION = 1
 #: Elements of each tensor looked at by squash() before it trusts that the tensor is still masked.
@@ -36,6 +40,21 @@ def _fused_masks(sparsifier: Sparsifier) -> _Fused | None:
     if fused_owner is Sparsifier or fused_owner is not owner("compute_masks"):
         return None
     return sparsifier.masks_applied  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=256)
+def _takes_context(func: Callable[..., Any]) -> bool:
+    """Whether a ``compute_masks``/``masks_applied`` accepts contract v2's ``context``."""
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    return "context" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _call(method: Callable[..., Any], *args: Any, context: MaskContext) -> Any:
+    func = getattr(method, "__func__", method)
+    return method(*args, context=context) if _takes_context(func) else method(*args)
 
 
 def _still_masked(tensor: torch.Tensor, mask: torch.Tensor) -> bool:
@@ -66,20 +85,35 @@ class SparsityController:
         sparsifier_args: Args = None,
         scheduler: str | type[Scheduler] | Scheduler = "constant",
         scheduler_args: Args = None,
+        *,
+        sequential: _calibration.Sequential | None = None,
     ) -> None:
         self.target = target
         self.sparsifier = create_sparsifier(sparsifier, sparsifier_args)
         self.scheduler = create_scheduler(scheduler, scheduler_args)
-        tensors, default = named_tensors(target)
-        names = self.sparsifier.covers(tensors, default)
-        if not names:
-            spec = self.sparsifier.spec
-            rule = f"include={spec.include}" if spec.include is not None else "the default (Linear/Conv/Embedding weights)"
-            raise ValueError(
-                f"sparsifier {self.sparsifier.name!r} covers no tensor: {rule} with exclude={spec.exclude} "
-                f"matched nothing among {len(tensors)} names (e.g. {list(tensors)[:5]})"
-            )
-        self.tensors: dict[str, torch.Tensor] = {n: tensors[n] for n in names}
+        caps = self.sparsifier.capabilities
+        #: The blocks of a sequential calibration (``sequential=``), in order.
+        self._blocks: list[tuple[str, nn.Module]] | None = None
+        self._pending: list[Any] | None = None  # batches kept for the next sequential update
+        if sequential is not None:
+            if not isinstance(target, nn.Module):
+                raise TypeError("sequential= needs an nn.Module target, not a mapping of tensors")
+            if caps.gradients:
+                raise ValueError(
+                    f"sequential= calibrates block by block with forward passes only; sparsifier "
+                    f"{self.sparsifier.name!r} needs gradients of a loss at the model's output"
+                )
+            self._blocks = _calibration.find_blocks(target, sequential)
+            self._check_sequential_scope()
+        selection = select_tensors(target, self.sparsifier)
+        names = list(selection.tensors)
+        self.tensors: dict[str, torch.Tensor] = selection.tensors
+        #: Each covered tensor's layer kind and orientation (empty for a mapping target).
+        self.layouts = selection.layouts
+        #: Each covered parameter's owner module and attribute (module targets).
+        self.owners = selection.owners
+        #: Every name each covered tensor answers to (tied weights), canonical name first.
+        self.aliases = selection.aliases
         self.final_levels: dict[str, float] = self.sparsifier.final_levels(names)
         self.levels: dict[str, float] = dict.fromkeys(names, 0.0)
         self.masks: dict[str, torch.Tensor] = {}
@@ -106,8 +140,16 @@ class SparsityController:
         self.update_masks(levels)
         return True
 
-    def update_masks(self, levels: Mapping[str, float] | None = None) -> None:
-        """Recompute every mask at ``levels`` (default: the current ones) and apply them.
+    def update_masks(self, levels: Mapping[str, float] | None = None, names: Iterable[str] | None = None) -> None:
+        """Recompute the masks at ``levels`` (default: the current ones) and apply them; only the
+        tensors in ``names`` when given (one block of a sequential calibration).
+
+        The sparsifier is told the masks in force (``context.current``). Unless it declares
+        regrowth, a weight pruned before stays pruned: a ``ScoreSparsifier`` (or any v2
+        sparsifier taking ``context``) does this itself, meeting the level exactly; for a v1
+        ``compute_masks`` the new masks are intersected with the current ones here. A
+        sparsifier that declares reconstruction may return new weights: they are written, then
+        the pruned positions are zeroed.
 
         With the built-in selection (any ``ScoreSparsifier`` or ``data_norm`` that does not
         override ``compute_masks``) each tensor is masked as its mask is made, piece by piece
@@ -115,36 +157,101 @@ class SparsityController:
         raise (NaN weights, say), :attr:`masks` holds the new masks of the tensors already
         masked and the previous ones of the rest."""
         if levels is not None:
-            self.levels = dict(levels)
-        fused = _fused_masks(self.sparsifier)
+            self.levels = {**self.levels, **levels}
+        if names is None and self._blocks is not None and self.sparsifier.capabilities.calibration:
+            batches, self._pending = self._pending, None
+            if not batches:
+                raise ValueError(
+                    f"sparsifier {self.sparsifier.name!r} calibrates block by block (sequential=): call "
+                    f"calibrate(batches) before each mask update"
+                )
+            _calibration.sequential(self, batches, self._blocks)
+            return
+        chosen = list(self.tensors) if names is None else list(names)
+        tensors = {n: self.tensors[n] for n in chosen}
+        levels_now = {n: self.levels[n] for n in chosen}
+        sparsifier = self.sparsifier
+        caps = sparsifier.capabilities
+        context = MaskContext(
+            current={n: self.masks[n] for n in chosen if n in self.masks},
+            layouts={n: self.layouts[n] for n in chosen if n in self.layouts},
+        )
+        fused = None if caps.reconstruction else _fused_masks(sparsifier)
         applied: dict[str, torch.Tensor] = {}
         try:
             with torch.no_grad():
                 if fused is None:
-                    masks = self.sparsifier.compute_masks(self.tensors, self.levels)
+                    result = _call(sparsifier.compute_masks, tensors, levels_now, context=context)
                 else:
-                    masks = fused(self.tensors, self.levels, applied)
+                    result = _call(fused, tensors, levels_now, applied, context=context)
         except BaseException:
             if applied:
-                self.masks = {n: applied.get(n, m) for n, m in {**self.masks, **applied}.items()}
+                self.masks = {**self.masks, **applied}
                 for name, mask in applied.items():
                     self._note_masked(name, mask)
             raise
-        self.masks = check_masks(self.sparsifier, self.tensors, masks)
+        weights: Mapping[str, torch.Tensor] = {}
+        if isinstance(result, Reconstruction):
+            if not caps.reconstruction:
+                raise TypeError(
+                    f"sparsifier {sparsifier.name!r} returned new weights (Reconstruction) but does not declare "
+                    f"capabilities.reconstruction; declare it, or return only the masks"
+                )
+            result, weights = result.masks, result.weights
+        masks = check_masks(sparsifier, tensors, result)
+        if context.current and not caps.regrowth and not _takes_context(getattr(sparsifier.compute_masks, "__func__", sparsifier.compute_masks)):
+            # a v1 sparsifier does not know the current masks: keep what is pruned pruned
+            masks = {n: m & context.current[n] if n in context.current else m for n, m in masks.items()}
+        if weights:
+            self._write_weights(weights)
+        self.masks = {**self.masks, **masks}  # replaced, never changed in place (state_dict shares it)
         if fused is None:
-            self.apply_masks()
+            self.apply_masks(masks)
         else:
-            for name, mask in self.masks.items():
+            for name, mask in masks.items():
                 self._note_masked(name, mask)
+
+    def _check_sequential_scope(self) -> None:
+        caps = self.sparsifier.capabilities
+        if not caps.calibration:
+            return  # nothing to calibrate: masks are computed as usual
+        if caps.allocates_levels:
+            raise ValueError(
+                f"sequential= selects each block on its own, but sparsifier {self.sparsifier.name!r} allocates "
+                f"levels across all tensors at once"
+            )
+        specs = [self.sparsifier.spec, *(spec for _, spec in self.sparsifier._resolved_overrides)]
+        if any(getattr(spec, "scope", "layer") == "global" for spec in specs):
+            raise ValueError(
+                f"sequential= calibrates and selects one block at a time; scope='global' needs every tensor's "
+                f"scores at once. Use scope='layer' with sequential, or drop sequential for a global selection"
+            )
+
+    @torch.no_grad()
+    def _write_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        unknown = set(weights) - set(self.tensors)
+        if unknown:
+            raise ValueError(f"sparsifier {self.sparsifier.name!r} returned weights for names it does not cover: {sorted(unknown)}")
+        for name, value in weights.items():
+            tensor = self.tensors[name]
+            if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(
+                    f"sparsifier {self.sparsifier.name!r} returned new weights for {name!r} shaped {got}; "
+                    f"the tensor is {tuple(tensor.shape)}"
+                )
+            if not torch.isfinite(value).all():
+                raise ValueError(f"sparsifier {self.sparsifier.name!r} returned non-finite weights for {name!r}")
+            tensor.detach().copy_(value)
 
     # -- masks -------------------------------------------------------------------------------
     @torch.no_grad()
-    def apply_masks(self) -> None:
+    def apply_masks(self, masks: Mapping[str, torch.Tensor] | None = None) -> None:
         """Zero every pruned element in place (runs after every optimizer step, so it is lean:
         one multiply by the bool mask, through NumPy on CPU where it is several times faster
         than torch's bool-to-float promotion). Always a full pass: an optimizer may write the
         weights without telling autograd (fused optimizers do not bump the version counter)."""
-        for name, mask in self.masks.items():
+        for name, mask in (self.masks if masks is None else masks).items():
             if self._prunes(name, mask):
                 apply_mask_(self.tensors[name], mask)
             self._note_masked(name, mask)
@@ -177,13 +284,44 @@ class SparsityController:
             and _still_masked(tensor, mask)
         )
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> Any:
-        """Re-apply the masks after every ``optimizer.step()``; returns the removable handle."""
+    def attach(self, optimizer: torch.optim.Optimizer, *, gradients: bool = True) -> Any:
+        """Re-apply the masks after every ``optimizer.step()``; returns the removable handle.
+
+        For a sparsifier that needs gradients (``capabilities.gradients``) and ``gradients=True``,
+        a step pre-hook also hands it each covered parameter of this optimizer and its
+        (accumulated) gradient before the update (see :meth:`observe_gradients`). Closure-based
+        optimizers (LBFGS) compute gradients inside ``step``: call :meth:`observe_gradients` in the
+        closure instead. Lightning's callbacks deliver gradients from ``on_before_optimizer_step``
+        and pass ``gradients=False``."""
+        if gradients and self.sparsifier.capabilities.gradients:
+            self._hooks.append(optimizer.register_step_pre_hook(lambda opt, *_: self.observe_gradients(opt)))
         handle = optimizer.register_step_post_hook(lambda *_: self.apply_masks())
         self._hooks.append(handle)
         return handle
 
+    def observe_gradients(
+        self, optimizer: torch.optim.Optimizer | None = None, parameters: Mapping[str, torch.Tensor] | None = None
+    ) -> int:
+        """Hand the sparsifier (``capabilities.gradients``) each covered parameter that has a
+        gradient, with the gradient: those of ``optimizer`` when given, else all. ``parameters``
+        maps covered names to the live parameters when they are not the covered tensors
+        themselves (a sparsified copy of a network trained dense). Returns how many were handed."""
+        if not self.sparsifier.capabilities.gradients:
+            return 0
+        live = dict(parameters) if parameters is not None else self.tensors
+        if optimizer is not None:
+            wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            live = {n: p for n, p in live.items() if id(p) in wanted}
+        handed = 0
+        for name, param in live.items():
+            grad = param.grad
+            if grad is not None and name in self.tensors:
+                self.sparsifier.observe_gradient(name, param, grad)
+                handed += 1
+        return handed
+
     def detach(self) -> None:
+        """Remove every hook this controller registered (optimizer hooks)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
@@ -204,34 +342,48 @@ class SparsityController:
         self.detach()
 
     # -- calibration -------------------------------------------------------------------------
-    def calibrate(self, batches: Iterable[Any]) -> int:
-        """Run ``batches`` through the module so a sparsifier that needs activations can observe
-        them. Returns the number of batches seen (0 when the sparsifier needs none)."""
-        if not self.sparsifier.needs_calibration:
+    def calibrate(self, batches: Iterable[Any], loss_fn: Callable[[Any, Any], torch.Tensor] | None = None) -> int:
+        """Give a sparsifier that needs data what it needs; returns the number of batches (0 when
+        it needs none).
+
+        Activations (``capabilities.calibration``): each batch is model inputs (a tensor, a tuple
+        of positional inputs or a dict of keyword inputs). Without ``sequential`` the batches run
+        through the model now (in eval mode, without gradients); with it they are kept and the
+        next mask update calibrates and prunes block by block. Gradients
+        (``capabilities.gradients``): ``loss_fn`` is required and each batch is
+        ``(inputs, targets)``; ``loss_fn(model(inputs), targets)`` is differentiated per batch."""
+        caps = self.sparsifier.capabilities
+        if not (caps.calibration or caps.gradients):
             return 0
         if not isinstance(self.target, nn.Module):
-            raise TypeError("calibration needs an nn.Module target, not a mapping of tensors")
-        self.sparsifier.reset_calibration()
-        handles = []
-        for name, module in owner_modules(self.target, list(self.tensors)).items():
-            handles.append(
-                module.register_forward_pre_hook(
-                    lambda mod, inputs, name=name: self.sparsifier.observe(name, mod, inputs)
-                )
+            raise TypeError(
+                f"sparsifier {self.sparsifier.name!r} needs {'activations' if caps.calibration else 'gradients'}: "
+                f"calibration needs an nn.Module target, not a mapping of tensors"
             )
-        seen = 0
+        if caps.gradients and loss_fn is None:
+            raise ValueError(
+                f"sparsifier {self.sparsifier.name!r} needs gradients: pass loss_fn=... with (inputs, targets) "
+                f"calibration batches (in training, attach(optimizer) hands it the gradients instead)"
+            )
+        if loss_fn is not None and not caps.gradients:
+            raise ValueError(f"loss_fn was given, but sparsifier {self.sparsifier.name!r} does not use gradients")
+        self.sparsifier.reset_calibration()
         was_training = self.target.training
         self.target.eval()
         try:
-            with torch.no_grad():
-                for batch in batches:
-                    self.target(*batch) if isinstance(batch, tuple) else self.target(batch)
-                    seen += 1
+            if caps.gradients:
+                assert loss_fn is not None
+                batches = list(batches)
+                seen = _calibration.gradients(self, batches, loss_fn)
+                if caps.calibration:
+                    _calibration.dense(self, [inputs for inputs, _ in batches])
+                return seen
+            if self._blocks is not None:
+                self._pending = list(batches)
+                return len(self._pending)
+            return _calibration.dense(self, batches)
         finally:
             self.target.train(was_training)
-            for h in handles:
-                h.remove()
-        return seen
 
     # -- reporting and state -----------------------------------------------------------------
     def report(self) -> SparsityReport:

@@ -25,7 +25,7 @@ import pluggy
 
 from . import hookspecs
 from ._errors import AmbiguousNameError, PluginLoadError, PluginWarning, UnknownNameError
-from ._version import API_VERSION, __version__
+from ._version import API_VERSION, SUPPORTED_APIS, __version__
 
 ENTRY_POINT_GROUP: Final = "sparsity_core"
 BUILTIN: Final = "builtin"
@@ -208,11 +208,12 @@ class Registry:
             obj = load()
             stage = "check"
             target = getattr(obj, "SPARSITY_CORE_API", API_VERSION)
-            if target != API_VERSION:
+            if target not in SUPPORTED_APIS:
                 info.status = "incompatible"
                 info.error = (
                     f"plugin targets sparsity-core API {target!r}, but sparsity-core {__version__} "
-                    f"provides API {API_VERSION}; upgrade the plugin or sparsity-core"
+                    f"provides API {API_VERSION} (and runs plugins for APIs {', '.join(map(str, SUPPORTED_APIS))}); "
+                    f"upgrade the plugin or sparsity-core"
                 )
                 self._fail(info, None)
                 return

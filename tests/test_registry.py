@@ -173,7 +173,16 @@ def test_api_version_mismatch_refuses_only_that_plugin(fake_site, plugin_source)
         names = sc.list_sparsifiers()
     assert "now" in names and "future" not in names
     info = next(p for p in sc.plugins() if p.name == "future")
-    assert info.status == "incompatible" and "provides API 1" in info.error
+    assert info.status == "incompatible" and f"provides API {sc.API_VERSION}" in info.error
+
+
+def test_a_v1_plugin_still_loads_under_api_2(fake_site, plugin_source):
+    site = fake_site()
+    site.add("sparsity-plugin-old", entry_points={"old": "sp_old_h"},
+             modules={"sp_old_h": "SPARSITY_CORE_API = 1\n" + plugin_source("old")})
+    assert sc.API_VERSION == 2
+    assert "old" in sc.list_sparsifiers()
+    assert next(p for p in sc.plugins() if p.name == "old").status == "loaded"
 
 
 @pytest.fixture
