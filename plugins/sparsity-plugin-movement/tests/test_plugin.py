@@ -7,14 +7,9 @@ import inspect
 import pytest
 
 import sparsity_plugin_movement
-from sparsity_core import API_VERSION
 from sparsity_core.testing import parametrize_with_checks
 from sparsity_plugin_movement import Movement, Snip
 
-# The plugin declares SPARSITY_CORE_API = 2: a core that provides API 1 refuses it (by design), so
-# name-based tests wait for API 2, and until then the kit checks the classes themselves.
-CORE_LOADS_IT = API_VERSION >= 2
-needs_api_2 = pytest.mark.skipif(not CORE_LOADS_IT, reason=f"sparsity-core provides API {API_VERSION}; this plugin targets API 2")
 
 
 def _kit_feeds_gradients() -> bool:
@@ -47,7 +42,6 @@ V1_KIT_NEEDS_GRADIENTS = frozenset(
 )
 
 
-@needs_api_2
 def test_found_through_its_installed_entry_point() -> None:
     from sparsity_core._registry import Registry
 
@@ -65,7 +59,7 @@ def test_declares_api_2_and_gradients() -> None:
         assert not cls.needs_calibration  # no activations: no forward hooks, no calibration batches of inputs alone
 
 
-@parametrize_with_checks(["movement", "snip"] if CORE_LOADS_IT else [Movement, Snip], plugin="movement" if CORE_LOADS_IT else None)
+@parametrize_with_checks(["movement", "snip"], plugin="movement")
 def test_conformance(check, request: pytest.FixtureRequest) -> None:
     if check.check in V1_KIT_NEEDS_GRADIENTS and not _kit_feeds_gradients():
         request.applymarker(pytest.mark.xfail(reason="the v1 conformance kit computes masks without gradients", strict=False))
