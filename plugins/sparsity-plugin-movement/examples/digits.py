@@ -13,17 +13,12 @@ On scikit-learn's digits (bundled, no download), an MLP 64-128-128-10, a few see
 from __future__ import annotations
 
 import argparse
-import inspect
 import statistics
 
 import torch
 from torch import nn
 
-from sparsity_core import SparsityController, sparsify
-from sparsity_plugin_movement import Movement, Snip
-
-# Until the core hands gradients to `attach`ed optimizers itself (contract v2), do it here.
-CORE_DELIVERS_GRADIENTS = "loss_fn" in inspect.signature(sparsify).parameters
+from sparsity_core import SparsityController
 
 
 def data(seed: int) -> tuple[torch.Tensor, ...]:
@@ -42,22 +37,14 @@ def network(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
-def attach(controller: SparsityController, optimizer: torch.optim.Optimizer) -> None:
-    controller.attach(optimizer)
-    if not CORE_DELIVERS_GRADIENTS and controller.sparsifier.capabilities.gradients:
-
-        def deliver(*_: object) -> None:
-            for name, tensor in controller.tensors.items():
-                controller.sparsifier.observe_gradient(name, tensor, tensor.grad)
-
-        optimizer.register_step_pre_hook(deliver)
-
-
 def train(model: nn.Module, xtr: torch.Tensor, ytr: torch.Tensor, epochs: int, seed: int,
           controller: SparsityController | None = None) -> None:
+    """SGD with momentum, minibatches of 64; with a controller, its masks follow its schedule
+    (progress in epochs) and are kept after every step, then squashed."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     if controller is not None:
-        attach(controller, optimizer)
+        # Gradients to the sparsifier before each step (for a schedule still to come), masks after it.
+        controller.attach(optimizer, gradients=controller.levels != controller.final_levels)
         controller.step(0)
     gen = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
@@ -80,8 +67,7 @@ def fine_tune(method: str, level: float, seed: int, dense: dict[str, torch.Tenso
     xtr, ytr, xte, yte = split
     model = network(seed)
     model.load_state_dict(dense)
-    sparsifier = Movement if method == "movement" else method
-    controller = SparsityController(model, sparsifier, {"sparsity_level": level}, "cubic", {"start": 0, "end": 15})
+    controller = SparsityController(model, method, {"sparsity_level": level}, "cubic", {"start": 0, "end": 15})
     train(model, xtr, ytr, 20, seed + 1, controller)
     return accuracy(model, xte, yte)
 
@@ -91,20 +77,13 @@ def at_init(method: str, level: float, seed: int, split: tuple[torch.Tensor, ...
     model = network(seed)
     scope = "global" if method.endswith("global") else "layer"
     name = method.split("-")[0]
-    sparsifier = Snip if name == "snip" else name
-    controller = SparsityController(model, sparsifier, {"sparsity_level": level, "scope": scope})
+    controller = SparsityController(model, name, {"sparsity_level": level, "scope": scope})
     if name == "snip":  # gradients of the loss over 4 training batches, at initialisation
         gen = torch.Generator().manual_seed(seed)
-        for idx in torch.randperm(len(xtr), generator=gen)[:256].split(64):
-            loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
-            grads = torch.autograd.grad(loss, list(controller.tensors.values()))
-            for (n, t), g in zip(controller.tensors.items(), grads):
-                controller.sparsifier.observe_gradient(n, t, g)
-    controller.step()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    controller.attach(optimizer)  # keeps the masks while training
-    train(model, xtr, ytr, 30, seed + 1)
-    controller.squash()
+        batches = [(xtr[i], ytr[i]) for i in torch.randperm(len(xtr), generator=gen)[:256].split(64)]
+        controller.calibrate(batches, loss_fn=nn.functional.cross_entropy)
+    controller.step()  # pruned once, at initialisation; the masks are kept while training
+    train(model, xtr, ytr, 30, seed + 1, controller)
     return accuracy(model, xte, yte)
 
 

@@ -60,6 +60,15 @@ def test_one_shot_without_a_loss_says_gradients_are_needed() -> None:
         sparsify(model, "snip", {"sparsity_level": 0.5})
 
 
+def test_a_frozen_layer_is_named_in_the_error_and_can_be_excluded() -> None:
+    model, batches = _classifier_and_batches()
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(RuntimeError, match=r"(?s)snip has no gradients for '0.weight'.*frozen parameter.*exclude it"):
+        sparsify(model, "snip", {"sparsity_level": 0.5}, calibration=batches, loss_fn=nn.functional.cross_entropy)
+    report = sparsify(model, "snip", {"sparsity_level": 0.5, "exclude": ["0.*"]}, calibration=batches, loss_fn=nn.functional.cross_entropy)
+    assert list(report) == ["2.weight"] and report["2.weight"] == 0.5
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="core bug on main (c41ec9e): attach()'s step pre-hook returns observe_gradients()'s count, and torch "

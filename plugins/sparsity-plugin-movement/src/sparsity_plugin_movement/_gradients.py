@@ -83,7 +83,12 @@ class GradientScoreSparsifier(ScoreSparsifier):
             raise RuntimeError(
                 f"{self.name} has no gradients for {name!r}: it needs gradients (capabilities.gradients) "
                 f"and none were observed for this tensor"
-                + (f" (gradients were observed for {len(seen)} others, e.g. {seen[:3]})" if seen else "")
+                + (
+                    f" (gradients were observed for {len(seen)} others, e.g. {seen[:3]}; a frozen parameter, "
+                    f"requires_grad=False, or one the loss does not reach never gets one: exclude it)"
+                    if seen
+                    else ""
+                )
                 + ". "
                 + how_to_give_gradients(self.name)
             )
