@@ -385,6 +385,24 @@ class SparsityController:
         finally:
             self.target.train(was_training)
 
+    # -- lottery-ticket rewinding ------------------------------------------------------------
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of every covered tensor (to rewind to later, see :meth:`rewind`)."""
+        return {n: t.detach().clone() for n, t in self.tensors.items()}
+
+    @torch.no_grad()
+    def rewind(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Reset the kept weights to ``weights`` (a :meth:`snapshot`), pruned ones stay zero:
+        lottery-ticket rewinding (Frankle & Carbin 2019)."""
+        for name, value in weights.items():
+            if name not in self.tensors:
+                raise KeyError(f"rewind: {name!r} is not a covered tensor")
+            tensor = self.tensors[name]
+            if value.shape != tensor.shape:
+                raise ValueError(f"rewind: saved weights of {name!r} are shaped {tuple(value.shape)}, the tensor {tuple(tensor.shape)}")
+            tensor.detach().copy_(value)
+        self.apply_masks()
+
     # -- reporting and state -----------------------------------------------------------------
     def report(self) -> SparsityReport:
         return SparsityReport.measure(self.tensors)

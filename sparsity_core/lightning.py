@@ -12,8 +12,8 @@ This is the only module of ``sparsity_core`` that imports Lightning.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
-from typing import Any, Union
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal, Union
 
 import pytorch_lightning as pl
 import torch
@@ -23,6 +23,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ._api import resolve_class
+from ._calibration import Sequential, find_blocks, to_device
 from ._base import Scheduler, Sparsifier, validate_spec
 from ._controller import SparsityController
 from ._report import SparsityReport
@@ -72,24 +73,38 @@ def _network(pl_module: pl.LightningModule, submodule: str | None, owner: str) -
     return model if isinstance(model, nn.Module) else pl_module
 
 
-def _model_inputs(batches: Any, limit: int, device: torch.device) -> Iterator[Any]:
-    """Model inputs from a dataloader's batches: the batch itself when it is a tensor, else its
-    first element ((x, y) pairs, the common case)."""
+def default_calibration_inputs(batch: Any) -> Any:
+    """Model inputs from a training batch: a dict as is (``model(**batch)``, what Hugging Face
+    collators yield), the first element of a tuple or list (``(inputs, targets)`` pairs), else the
+    batch itself."""
+    if isinstance(batch, dict):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    return batch
+
+
+def _model_inputs(
+    batches: Any, limit: int, device: torch.device, inputs: Callable[[Any], Any] | None = None
+) -> Iterator[Any]:
+    """Up to ``limit`` model inputs from a dataloader's batches, moved to ``device``."""
+    to_inputs = inputs or default_calibration_inputs
     for i, batch in enumerate(batches):
         if i >= limit:
             return
-        if isinstance(batch, (tuple, list)) and batch:
-            batch = batch[0]
-        if not isinstance(batch, torch.Tensor):
+        x = to_inputs(batch)
+        if not isinstance(x, (torch.Tensor, dict, tuple)):
             raise TypeError(
-                f"calibration needs model inputs, but a training batch is a {type(batch).__name__}; "
-                f"use batches that are tensors or (inputs, targets) pairs"
+                f"calibration needs model inputs (a tensor, a tuple of inputs, or a dict of keyword inputs), but "
+                f"{'calibration_inputs' if inputs else 'the default calibration_inputs'} made a {type(x).__name__} "
+                f"of a training batch; pass calibration_inputs=lambda batch: ... to the callback"
             )
-        yield batch.to(device)
+        yield to_device(x, device)
 
 
 def _sync_masks(trainer: pl.Trainer, controller: SparsityController) -> None:
-    """Make every rank hold rank 0's masks (and, if any rank disagreed, rank 0's covered tensors).
+    """Make every rank hold rank 0's masks (and, if any rank disagreed, rank 0's covered tensors;
+    always rank 0's covered tensors for a sparsifier that reconstructs weights).
 
     Under DDP the weights agree on every rank, so deterministic sparsifiers agree too and this is
     one small broadcast; it guards against sparsifiers that are not bit-reproducible.
@@ -107,7 +122,7 @@ def _sync_masks(trainer: pl.Trainer, controller: SparsityController) -> None:
     dist.broadcast(synced, src=0)
     differs = torch.tensor([int(not torch.equal(local, synced))], device=device)
     dist.all_reduce(differs, op=dist.ReduceOp.MAX)
-    if not differs.item():
+    if not differs.item() and not controller.sparsifier.capabilities.reconstruction:
         return
     # Some rank's own masks already zeroed weights that rank 0 keeps: take rank 0's values too.
     masks, offset = {}, 0
@@ -135,14 +150,20 @@ class _SparsityCallback(Callback):
         calibration_batches: int,
         log_sparsity: bool,
         verbose: bool,
+        sequential: Sequential | None = None,
+        calibration_inputs: Callable[[Any], Any] | None = None,
+        training_gradients: bool = False,
     ) -> None:
         super().__init__()
         self._sparsifier_cls, self._sparsifier_spec = _validated("sparsifier", sparsifier, sparsifier_args)
         if calibration_batches < 0:
             raise ValueError(f"calibration_batches must be >= 0, got {calibration_batches}")
+        self._check_data_needs(calibration_batches, sequential, calibration_inputs, training_gradients)
         self.sparsifier = sparsifier
         self.sparsifier_args = sparsifier_args
         self.submodule = submodule
+        self.sequential = sequential
+        self.calibration_inputs = calibration_inputs
         self.calibration_batches = calibration_batches
         self.log_sparsity = log_sparsity
         self.verbose = verbose
@@ -164,25 +185,103 @@ class _SparsityCallback(Callback):
     def _state_key_fields(self) -> dict[str, Any]:
         return {"sparsifier": _label(self.sparsifier), "submodule": self.submodule}
 
+    def _check_data_needs(
+        self,
+        calibration_batches: int,
+        sequential: Sequential | None,
+        calibration_inputs: Callable[[Any], Any] | None,
+        training_gradients: bool,
+    ) -> None:
+        """Every calibration misconfiguration the class's capabilities reveal, before any training."""
+        caps = self._sparsifier_cls.capabilities
+        who = f"{type(self).__name__}: sparsifier {getattr(self._sparsifier_cls, 'name', '?')!r}"
+        if caps.calibration and calibration_batches == 0:
+            raise ValueError(f"{who} needs activations (capabilities.calibration), but calibration_batches=0; give it > 0")
+        if caps.gradients and not training_gradients and calibration_batches == 0:
+            raise ValueError(
+                f"{who} needs gradients (capabilities.gradients): it takes them from calibration_batches training "
+                f"batches through training_step's loss, but calibration_batches=0; give it > 0"
+            )
+        if calibration_inputs is not None and not callable(calibration_inputs):
+            raise TypeError(f"{who}: calibration_inputs must be a callable (batch -> model inputs), got {type(calibration_inputs).__name__}")
+        if sequential is not None:
+            if not (isinstance(sequential, str) and sequential) and not (
+                isinstance(sequential, Sequence) and sequential and all(isinstance(p, str) and p for p in sequential)
+            ):
+                raise TypeError(f"{who}: sequential must be a glob or a list of block module names, got {sequential!r}")
+            if caps.gradients:
+                raise ValueError(f"{who} needs gradients of the model's loss: sequential= (forward-only, block by block) does not apply")
+
     def _controller(self, target: nn.Module, scheduler: tuple[type, BaseModel] | None = None) -> SparsityController:
         # Resolve the name again: implementations are bound at train start, so a registry that
         # changed since construction (a plugin installed, a test registry) is honoured.
         sparsifier = self._sparsifier_cls if isinstance(self.sparsifier, type) else self.sparsifier
-        if scheduler is None:
-            return SparsityController(target, sparsifier, self._sparsifier_spec)
-        return SparsityController(target, sparsifier, self._sparsifier_spec, *scheduler)
+        sched = () if scheduler is None else scheduler
+        return SparsityController(target, sparsifier, self._sparsifier_spec, *sched, sequential=self.sequential)
+
+    def _check_network(self, network: nn.Module) -> None:
+        """At fit start, once the model is known: the sequential blocks exist."""
+        if self.sequential is not None and self._sparsifier_cls.capabilities.calibration:
+            find_blocks(network, self.sequential)
+
+    def _batches(self, trainer: pl.Trainer) -> Any:
+        loader = trainer.train_dataloader
+        if loader is None:
+            trainer.fit_loop.setup_data()
+            loader = trainer.train_dataloader
+        return loader or []
 
     def _calibrate(self, trainer: pl.Trainer, controller: SparsityController, network: nn.Module) -> None:
-        if not controller.sparsifier.needs_calibration:
+        """Activations for a sparsifier that needs them: ``calibration_batches`` training batches
+        through ``calibration_inputs`` (dict, tuple and tensor batches work as they are)."""
+        if not controller.sparsifier.capabilities.calibration:
             return
-        if self.calibration_batches == 0:
-            raise ValueError(
-                f"sparsifier {controller.sparsifier.name!r} needs activations, but calibration_batches=0"
-            )
         device = next(network.parameters()).device
-        seen = controller.calibrate(_model_inputs(trainer.train_dataloader or [], self.calibration_batches, device))
+        batches = _model_inputs(self._batches(trainer), self.calibration_batches, device, self.calibration_inputs)
+        seen = controller.calibrate(batches)
         if seen == 0:
             raise ValueError(f"sparsifier {controller.sparsifier.name!r} needs activations, but the trainer has no training batches")
+
+    def _gradients_from_loss(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, controller: SparsityController, network: nn.Module
+    ) -> None:
+        """Gradients for a sparsifier that needs them, outside training: ``training_step``'s loss
+        on ``calibration_batches`` training batches, differentiated with ``torch.autograd.grad``
+        (nothing is stepped, ``.grad`` is not touched; ``self.log`` calls are ignored meanwhile).
+        ``network`` is the trained network; the sparsifier sees the gradients under its names."""
+        sparsifier = controller.sparsifier
+        if not sparsifier.capabilities.gradients:
+            return
+        params = dict(network.named_parameters())
+        names = [n for n in controller.tensors if n in params and params[n].requires_grad]
+        sparsifier.reset_calibration()
+        quiet = {"log": lambda *a, **k: None, "log_dict": lambda *a, **k: None}
+        pl_module.__dict__.update(quiet)
+        seen = 0
+        try:
+            for i, batch in enumerate(self._batches(trainer)):
+                if i >= self.calibration_batches:
+                    break
+                batch = to_device(batch, pl_module.device)
+                with torch.enable_grad():
+                    out = pl_module.training_step(batch, i)
+                loss = out.get("loss") if isinstance(out, Mapping) else out
+                if not isinstance(loss, torch.Tensor):
+                    raise ValueError(
+                        f"sparsifier {sparsifier.name!r} needs gradients, taken from training_step's loss, but "
+                        f"training_step returned {type(out).__name__} (manual optimization?); use "
+                        f"TrainingAwareSparsity, or sparsify(..., loss_fn=...) on the network"
+                    )
+                grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+                for name, grad in zip(names, grads):
+                    if grad is not None:
+                        sparsifier.observe_gradient(name, controller.tensors[name], grad)
+                seen += 1
+        finally:
+            for key in quiet:
+                pl_module.__dict__.pop(key, None)
+        if seen == 0:
+            raise ValueError(f"sparsifier {sparsifier.name!r} needs gradients, but the trainer has no training batches")
 
     def _bind_names(self, pl_module: pl.LightningModule, network: nn.Module) -> None:
         # Logged names are relative to the LightningModule (as in its state_dict), so that two
@@ -217,8 +316,14 @@ class PostTrainingSparsity(_SparsityCallback):
         submodule: Dotted name of the submodule to sparsify. Default: ``pl_module.model`` when
             the LightningModule has one, else the LightningModule itself.
         inplace: Sparsify the trained network itself instead of a copy.
-        calibration_batches: Training batches run through the network for sparsifiers that need
-            activations (ignored by the others).
+        calibration_batches: Training batches used by sparsifiers that need data (ignored by the
+            others): run through the network for activations, or through ``training_step`` for
+            gradients of its loss.
+        calibration_inputs: ``batch -> model inputs`` for activation calibration. Default: a dict
+            batch as is (``model(**batch)``), the first element of a tuple/list, else the batch.
+        sequential: A glob or list of block module names (``"transformer.h.*"``): calibrate and
+            prune block by block on the outputs of the blocks already pruned, holding one block's
+            statistics at a time (see :func:`~sparsity_core.sparsify`).
         log_sparsity: Log ``sparsity/<parameter name in the LightningModule>`` and
             ``sparsity/overall`` (``sparsity/<submodule>/overall`` when one is named) to the
             trainer's loggers, from rank zero.
@@ -233,6 +338,8 @@ class PostTrainingSparsity(_SparsityCallback):
         submodule: str | None = None,
         inplace: bool = False,
         calibration_batches: int = 8,
+        calibration_inputs: Callable[[Any], Any] | None = None,
+        sequential: str | list[str] | None = None,
         log_sparsity: bool = True,
         verbose: bool = True,
     ) -> None:
@@ -243,14 +350,21 @@ class PostTrainingSparsity(_SparsityCallback):
             calibration_batches=calibration_batches,
             log_sparsity=log_sparsity,
             verbose=verbose,
+            sequential=sequential,
+            calibration_inputs=calibration_inputs,
         )
         self.inplace = inplace
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Fail before training on what only the model can tell (a sequential pattern that names no block).
+        self._check_network(_network(pl_module, self.submodule, type(self).__name__))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         network = _network(pl_module, self.submodule, type(self).__name__)
         self._bind_names(pl_module, network)
         target = network if self.inplace else copy.deepcopy(network).eval()
         controller = self.controller = self._controller(target)
+        self._gradients_from_loss(trainer, pl_module, controller, network)
         self._calibrate(trainer, controller, target)
         controller.step()
         _sync_masks(trainer, controller)
@@ -292,7 +406,16 @@ class TrainingAwareSparsity(_SparsityCallback):
         inplace: Sparsify the model being trained (default) or, as the seed did, a copy of it.
         keep_masks: Keep the masks live at train end instead of squashing them (e.g. to fit again).
         calibration_batches: Training batches run through the network before each mask update, for
-            sparsifiers that need activations.
+            sparsifiers that need activations. (A sparsifier that needs gradients gets them from
+            training itself: every optimizer step's gradients, before the update.)
+        calibration_inputs: ``batch -> model inputs`` for activation calibration (default: a dict
+            batch as is, the first element of a tuple/list, else the batch).
+        sequential: A glob or list of block module names: calibrate and prune block by block at
+            each mask update (see :func:`~sparsity_core.sparsify`).
+        rewind_to: Lottery-ticket rewinding (Frankle & Carbin 2019): after each mask update the
+            kept weights are reset to their values at ``"init"`` (train start) or at progress
+            ``k`` (in the scheduler's unit; updates before ``k`` do not rewind). The saved weights
+            ride in the checkpoint. Default: no rewinding.
         log_sparsity: At each epoch end, log ``sparsity/overall`` (``sparsity/<submodule>/overall``
             when one is named) through ``pl_module.log`` (so it can be monitored) and
             ``sparsity/<parameter name in the LightningModule>`` to the loggers, from rank zero.
@@ -310,6 +433,9 @@ class TrainingAwareSparsity(_SparsityCallback):
         inplace: bool = True,
         keep_masks: bool = False,
         calibration_batches: int = 8,
+        calibration_inputs: Callable[[Any], Any] | None = None,
+        sequential: str | list[str] | None = None,
+        rewind_to: Union[Literal["init"], int, None] = None,
         log_sparsity: bool = True,
         verbose: bool = True,
     ) -> None:
@@ -320,8 +446,24 @@ class TrainingAwareSparsity(_SparsityCallback):
             calibration_batches=calibration_batches,
             log_sparsity=log_sparsity,
             verbose=verbose,
+            sequential=sequential,
+            calibration_inputs=calibration_inputs,
+            training_gradients=True,
         )
         self._scheduler_cls, self._scheduler_spec = _validated("scheduler", scheduler, scheduler_args)
+        if rewind_to is not None and rewind_to != "init" and not (isinstance(rewind_to, int) and not isinstance(rewind_to, bool) and rewind_to >= 0):
+            raise ValueError(f"{type(self).__name__}: rewind_to must be 'init', a non-negative int (epoch or step) or None, got {rewind_to!r}")
+        if self._sparsifier_cls.capabilities.gradients:
+            first = self._scheduler_cls(self._scheduler_spec)(0.0, self._sparsifier_spec.sparsity_level)  # type: ignore[attr-defined]
+            if first > 0:
+                raise ValueError(
+                    f"{type(self).__name__}: sparsifier {self._sparsifier_cls.name!r} needs gradients from training "
+                    f"before its first mask update, but the {self._scheduler_cls.name!r} schedule asks for level "
+                    f"{first:g} at train start; start it later (scheduler_args={{'start': 1, ...}})"
+                )
+        self.rewind_to = rewind_to
+        #: The weights kept weights are rewound to (``rewind_to``), once taken.
+        self._rewind_weights: dict[str, torch.Tensor] | None = None
         self.scheduler = scheduler
         self.scheduler_args = scheduler_args
         self.inplace = inplace
@@ -344,13 +486,15 @@ class TrainingAwareSparsity(_SparsityCallback):
         # evaluated at on_train_start.
         network = _network(pl_module, self.submodule, type(self).__name__)
         self._bind_names(pl_module, network)
+        self._check_network(network)
         if self.inplace:
             if self.controller is None or not self._same_parameters(network):
                 self.controller = self._controller(network, self._scheduler())
             self.sparsified = network
             self.controller.detach()
             for optimizer in trainer.optimizers:
-                self.controller.attach(optimizer)
+                # gradients are delivered from on_before_optimizer_step: after the closure's backward
+                self.controller.attach(optimizer, gradients=False)
         else:
             if self.controller is None or self._network_ref is not network:
                 # One copy for the whole fit, refreshed in place at each epoch end.
@@ -375,13 +519,29 @@ class TrainingAwareSparsity(_SparsityCallback):
         with torch.no_grad():
             self.sparsified.load_state_dict(network.state_dict())
 
+    # -- gradients -------------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        # After backward (the closure has run; accumulated micro-batches included), before the update.
+        controller = self.controller
+        if controller is None or not controller.sparsifier.capabilities.gradients:
+            return
+        live = None
+        if not self.inplace and self._network_ref is not None:
+            params = dict(self._network_ref.named_parameters())
+            live = {n: params[n] for n in controller.tensors if n in params}
+        controller.observe_gradients(getattr(optimizer, "optimizer", optimizer), live)
+
     # -- schedule --------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         controller = self._require_controller()
         if self._pending_state is not None:
             # From a checkpoint: weights were restored before, so the saved masks match them.
             controller.load_state_dict(self._pending_state["controller"])
+            rewind = self._pending_state.get("rewind")
+            self._rewind_weights = {n: w.to(controller.tensors[n].device) for n, w in rewind.items()} if rewind else None
             self._pending_state = None
+        elif self.rewind_to == "init" and self._rewind_weights is None:
+            self._rewind_weights = controller.snapshot()
         t = trainer.global_step if self.unit == "step" else trainer.current_epoch
         self._last_step = trainer.global_step
         self._update(trainer, pl_module, t)
@@ -415,10 +575,14 @@ class TrainingAwareSparsity(_SparsityCallback):
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: float) -> None:
         controller = self._require_controller()
+        if isinstance(self.rewind_to, int) and self._rewind_weights is None and t >= self.rewind_to:
+            self._rewind_weights = controller.snapshot()
         if self.inplace:
             if self._levels_change(controller, t):
                 self._calibrate(trainer, controller, controller.target)  # type: ignore[arg-type]
             if controller.step(t):
+                if self._rewind_weights is not None:
+                    controller.rewind(self._rewind_weights)
                 _sync_masks(trainer, controller)
             return
         # The seed's semantics: the copy takes the current dense weights and fresh masks.
@@ -474,7 +638,10 @@ class TrainingAwareSparsity(_SparsityCallback):
         """Masks and schedule position (the controller's state); loads with weights_only=True."""
         if self.controller is None:
             return dict(self._pending_state or {})
-        return {"version": CALLBACK_STATE_VERSION, "controller": self.controller.state_dict()}
+        state: dict[str, Any] = {"version": CALLBACK_STATE_VERSION, "controller": self.controller.state_dict()}
+        if self._rewind_weights is not None:
+            state["rewind"] = dict(self._rewind_weights)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
