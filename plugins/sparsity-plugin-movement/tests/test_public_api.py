@@ -96,12 +96,6 @@ def test_plain_pytorch_training_loop_with_attach() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="core on main (c41ec9e): TrainingAwareSparsity attaches with gradients=True, whose step pre-hook "
-    "returns a count (refused by torch) and would run before Lightning's closure computes the gradients; "
-    "on_before_optimizer_step with attach(gradients=False) is the fix; remove this marker with it",
-)
 def test_lightning_training_aware_movement_reaches_the_level() -> None:
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader, TensorDataset
