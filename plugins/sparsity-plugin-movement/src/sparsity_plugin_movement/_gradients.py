@@ -56,22 +56,24 @@ class GradientScoreSparsifier(ScoreSparsifier):
                 f"{tuple(tensor.shape)}; observe_gradient needs the gradient of that very tensor"
             )
         with torch.no_grad():
-            # In float32 whatever the parameter's dtype: a bf16 product loses the small movements.
-            product = tensor.detach().to(torch.float32) * grad.detach().to(torch.float32)
-            # An fp16 overflow step (inf or NaN gradient, skipped by a GradScaler) must not poison
-            # the sum for the rest of training; its finite elements are real gradients, kept.
-            torch.nan_to_num_(product, nan=0.0, posinf=0.0, neginf=0.0)
             total = self._sums.get(name)
             if total is None:
-                self._sums[name] = product
-            elif total.shape != product.shape:
+                total = self._sums[name] = torch.zeros(tensor.shape, dtype=torch.float32, device=tensor.device)
+            elif total.shape != tensor.shape:
                 raise ValueError(
-                    f"{self.name}: {name!r} now has shape {tuple(product.shape)}, but its earlier gradients "
+                    f"{self.name}: {name!r} now has shape {tuple(tensor.shape)}, but its earlier gradients "
                     f"had {tuple(total.shape)}; call reset_calibration() before observing another tensor "
                     f"under that name"
                 )
-            else:
-                total.add_(product.to(total.device))
+            grad = grad.detach()
+            # An fp16 overflow step (inf or NaN gradient, skipped by a GradScaler) must not poison
+            # the sum for the rest of training; its finite elements are real gradients, kept. On
+            # an accelerator the zeroing always runs (memory-bound, and no host sync); on CPU,
+            # where it is slow, only when the gradient's sum says there is something to zero.
+            if grad.device.type != "cpu" or not bool(torch.isfinite(grad.sum())):
+                grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            # One pass, multiplied in float32 (the sum's dtype) whatever the parameter's dtype.
+            total.addcmul_(tensor.detach().to(total.device), grad.to(total.device))
         self.observed[name] = self.observed.get(name, 0) + 1
 
     def accumulated(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
