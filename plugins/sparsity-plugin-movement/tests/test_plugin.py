@@ -22,7 +22,7 @@ def _kit_feeds_gradients() -> bool:
 
 # Checks of the v1 kit that compute masks without ever delivering a gradient, so that our
 # sparsifiers rightly raise "needs gradients". Expected to fail (not strictly) until the kit feeds
-# gradients; the rest (spec, attributes, levels 0 and 1) must pass already.
+# gradients; the rest (spec and class attributes) must pass already.
 V1_KIT_NEEDS_GRADIENTS = frozenset(
     {
         "masks_boolean_and_shaped",
@@ -32,6 +32,7 @@ V1_KIT_NEEDS_GRADIENTS = frozenset(
         "pattern_nm_2_4",
         "importance_order_layer",
         "importance_order_global",
+        "levels_zero_and_one",  # the core's selection scores even at levels 0 and 1 now (main e7c10c1)
         "inputs_not_modified",
         "deterministic",
         "state_roundtrip",
