@@ -551,12 +551,17 @@ class SparsityController:
             "masks": dict(self.masks),
             "pruned": {n: int(m.numel() - int(m.sum())) for n, m in self.masks.items()},
             "fingerprint": self.fingerprint(),
+            # what a stateful sparsifier accumulated (movement scores, say), when it offers it
+            **({"sparsifier_state": self.sparsifier.state_dict()} if callable(getattr(self.sparsifier, "state_dict", None)) else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore masks and schedule position. The whole state is checked before anything is
         applied; a problem raises ValueError naming the state, the tensor and what is wrong."""
         checked = self._checked_state(state)
+        restore = getattr(self.sparsifier, "load_state_dict", None)
+        if state.get("sparsifier_state") is not None and callable(restore):
+            restore(state["sparsifier_state"])
         self.t = checked["t"]
         self.levels = checked["levels"]
         self.masks = checked["masks"]

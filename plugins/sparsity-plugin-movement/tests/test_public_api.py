@@ -69,11 +69,6 @@ def test_a_frozen_layer_is_named_in_the_error_and_can_be_excluded() -> None:
     assert list(report) == ["2.weight"] and report["2.weight"] == 0.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug on main (c41ec9e): attach()'s step pre-hook returns observe_gradients()'s count, and torch "
-    "refuses a pre-hook that returns anything but None or (args, kwargs); remove this marker with the fix",
-)
 def test_plain_pytorch_training_loop_with_attach() -> None:
     layer = nn.Linear(6, 1, bias=False)
     with torch.no_grad():
