@@ -164,8 +164,14 @@ class _SparsityCallback(Callback):
     ) -> None:
         super().__init__()
         self._sparsifier_cls, self._sparsifier_spec = _validated("sparsifier", sparsifier, sparsifier_args)
+        # bool is an int subclass; "8" and 2.5 are not ints (a raw TypeError, or 2.5 accepted)
+        if not isinstance(calibration_batches, int) or isinstance(calibration_batches, bool):
+            raise TypeError(
+                f"{type(self).__name__}: calibration_batches must be a non-negative int, "
+                f"got {calibration_batches!r} ({type(calibration_batches).__name__})"
+            )
         if calibration_batches < 0:
-            raise ValueError(f"calibration_batches must be >= 0, got {calibration_batches}")
+            raise ValueError(f"{type(self).__name__}: calibration_batches must be a non-negative int, got {calibration_batches!r}")
         self.sparsifier = sparsifier
         self.sparsifier_args = sparsifier_args
         self.submodule = submodule
