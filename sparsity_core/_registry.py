@@ -121,6 +121,12 @@ class Registry:
         self._extra = list(plugins)
         self._lock = threading.RLock()
         self._loaded = False
+        #: The plugin being loaded while discovery runs (held under the lock, so only the
+        #: discovering thread can see it set).
+        self._loading: str | None = None
+        self._clear()
+
+    def _clear(self) -> None:
         self._strict_error: PluginLoadError | None = None
         self._plugins: dict[str, PluginInfo] = {}
         self._impls: dict[Kind, dict[str, Implementation]] = {"sparsifier": {}, "scheduler": {}}
@@ -131,8 +137,25 @@ class Registry:
     def _ensure(self) -> None:
         if not self._loaded:
             with self._lock:
+                if self._loading is not None:
+                    # Only the discovering thread gets here (others wait on the lock): a plugin
+                    # looked a name up while it was loaded. Discovery must not start again.
+                    raise PluginLoadError(
+                        f"plugin {self._loading!r} used the sparsity registry while it was being loaded "
+                        f"(at import or in its register hook); look names up when they are used, not "
+                        f"while registering",
+                        plugin=self._loading,
+                    )
                 if not self._loaded:
-                    self._discover()
+                    try:
+                        self._discover()
+                    except BaseException:
+                        # KeyboardInterrupt, SystemExit, a warning turned error: what was found so
+                        # far is dropped, so that the next use starts discovery from nothing.
+                        self._clear()
+                        raise
+                    finally:
+                        self._loading = None
                     self._loaded = True
         if self._strict_error is not None:
             raise self._strict_error
@@ -203,6 +226,7 @@ class Registry:
         if info.status != "loaded":
             self._fail(info, None)
             return
+        self._loading = name
         stage, obj = "import", None
         try:
             obj = load()
@@ -214,12 +238,11 @@ class Registry:
                     f"plugin targets sparsity-core API {target!r}, but sparsity-core {__version__} "
                     f"provides API {API_VERSION}; upgrade the plugin or sparsity-core"
                 )
-                self._fail(info, None)
-                return
-            stage = "register"
-            self.pm.register(obj, name=name)
-            self._check_hooks(name)
-            staged = self._collect(name, obj)
+            else:
+                stage = "register"
+                self.pm.register(obj, name=name)
+                self._check_hooks(name)
+                staged = self._collect(name, obj)
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the others down
             if obj is not None and self.pm.is_registered(obj):
                 self.pm.unregister(obj)
@@ -227,6 +250,11 @@ class Registry:
             where = {"import": "failed to import", "check": "failed its checks", "register": "failed to register"}
             info.error = f"{where[stage]}: {type(exc).__name__}: {exc}"
             self._fail(info, exc)
+            return
+        finally:
+            self._loading = None
+        if info.status == "incompatible":
+            self._fail(info, None)
             return
         for impl in staged:
             self._impls[impl.kind][impl.qualified_name] = impl

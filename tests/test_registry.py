@@ -252,3 +252,62 @@ def test_a_local_class_works_without_registration():
 
 def test_normalize_treats_dash_underscore_and_case_alike():
     assert normalize("Sparsity_Plugin-X") == normalize("sparsity-plugin.x") == "sparsity-plugin-x"
+
+
+KEYBOARD_PLUGIN = """
+import os
+if os.path.exists({marker!r}):
+    os.remove({marker!r})
+    raise {exc}
+"""
+
+
+@pytest.mark.parametrize("exc", ["KeyboardInterrupt", "SystemExit(3)"])
+def test_an_interrupt_while_a_plugin_imports_propagates_and_the_next_use_starts_clean(fake_site, plugin_source, tmp_path, exc):
+    marker = tmp_path / "interrupt-once"
+    marker.write_text("")
+    site = fake_site()
+    site.add("sparsity-plugin-kbd", entry_points={"kbd": "sp_kbd_j"},
+             modules={"sp_kbd_j": KEYBOARD_PLUGIN.format(marker=str(marker), exc=exc) + plugin_source("kbd")})
+    site.add("sparsity-plugin-other", entry_points={"other": "sp_other_j"}, modules={"sp_other_j": plugin_source("other")})
+    registry = Registry(environ={"SPARSITY_PLUGINS": "kbd,other", "SPARSITY_STRICT_PLUGINS": "1"})
+    with pytest.raises(BaseException) as caught:
+        registry.names("sparsifier")
+    assert type(caught.value).__name__ == exc.split("(")[0]
+    # the retry found builtin, kbd and other 'already taken' and, strict, nothing worked again
+    assert {"magnitude", "kbd", "other"} <= set(registry.names("sparsifier"))
+    enabled = {p.name: p.status for p in registry.plugins() if p.status != "disabled"}
+    assert enabled == {"builtin": "loaded", "kbd": "loaded", "other": "loaded"}
+
+
+REENTRANT_AT_IMPORT = """
+import sparsity_core
+sparsity_core.create_sparsifier("magnitude")
+"""
+
+REENTRANT_IN_HOOK = """
+import sparsity_core
+from sparsity_core import hookimpl
+
+@hookimpl
+def register_schedulers(register):
+    sparsity_core.list_sparsifiers()
+"""
+
+
+@pytest.mark.parametrize("source", [REENTRANT_AT_IMPORT, REENTRANT_IN_HOOK], ids=["at-import", "in-hook"])
+def test_a_plugin_that_uses_the_registry_while_it_loads_gets_an_error_naming_it(fake_site, plugin_source, monkeypatch, source):
+    monkeypatch.setenv("SPARSITY_PLUGINS", "reentrant,after")
+    site = fake_site()
+    site.add("sparsity-plugin-reentrant", entry_points={"reentrant": "sp_re_k"}, modules={"sp_re_k": source})
+    site.add("sparsity-plugin-after", entry_points={"after": "sp_after_k"}, modules={"sp_after_k": plugin_source("after")})
+    with pytest.warns(PluginWarning, match="reentrant") as caught:
+        names = sc.list_sparsifiers()
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "plugin 'reentrant'" in message and "while it was being loaded" in message
+    # discovery was not re-entered: no plugin recorded twice, the others all work
+    enabled = {p.name: p.status for p in sc.plugins() if p.status != "disabled"}
+    assert enabled == {"after": "loaded", "builtin": "loaded", "reentrant": "failed"}
+    assert {"magnitude", "after"} <= set(names)
+    assert sc.create_sparsifier("magnitude").name == "magnitude"
