@@ -259,6 +259,23 @@ class Registry:
         for impl in staged:
             self._impls[impl.kind][impl.qualified_name] = impl
             (info.sparsifiers if impl.kind == "sparsifier" else info.schedulers).append(impl.name)
+        self._warn_shadowed(info, staged)
+
+    def _warn_shadowed(self, info: PluginInfo, staged: list[Implementation]) -> None:
+        """Built-ins keep their short names: a plugin that registers one is reachable qualified
+        only, so that installing it never breaks a script or config that says 'magnitude'."""
+        if info.name == BUILTIN:
+            return
+        builtin = self._plugins[BUILTIN]
+        taken = [i for i in staged if i.name in (builtin.sparsifiers if i.kind == "sparsifier" else builtin.schedulers)]
+        if taken:
+            listing = ", ".join(f"{i.kind} {i.name!r} (use {i.qualified_name!r})" for i in taken)
+            warnings.warn(
+                f"sparsity plugin {info.label} registers names the built-ins already have: {listing}. "
+                f"A short name stays the built-in's; the plugin's is reachable by its qualified name.",
+                PluginWarning,
+                stacklevel=4,
+            )
 
     def _check_hooks(self, name: str) -> None:
         """pluggy accepts hook implementations nobody specified; a misspelt hook would then
@@ -320,7 +337,10 @@ class Registry:
             by_short.setdefault(impl.name, []).append(impl)
         out = []
         for short, impls in by_short.items():
-            out.extend([short] if len(impls) == 1 else [i.qualified_name for i in impls])
+            if len(impls) == 1:
+                out.append(short)
+            else:  # the built-in keeps its short name (see get); the rest are listed qualified
+                out.extend(short if i.plugin.name == BUILTIN else i.qualified_name for i in impls)
         return sorted(out)
 
     def get(self, kind: Kind, name: str) -> Implementation:
@@ -338,6 +358,10 @@ class Registry:
         matches = [impl for impl in table.values() if impl.name == name]
         if len(matches) == 1:
             return matches[0]
+        # Built-ins win their short names: a plugin registering one is reachable qualified only.
+        builtin = next((impl for impl in matches if impl.plugin.name == BUILTIN), None)
+        if builtin is not None:
+            return builtin
         if not matches:
             raise self._unknown(kind, name)
         matches.sort(key=lambda i: i.qualified_name)

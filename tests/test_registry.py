@@ -134,12 +134,20 @@ def test_same_short_name_from_two_plugins_is_ambiguous_in_any_install_order(fake
         assert "alpha:shared" in names and "beta:shared" in names and "shared" not in names
 
 
-def test_a_plugin_that_reuses_a_builtin_name_makes_the_short_name_ambiguous(fake_site, plugin_source):
-    fake_site().add("sparsity-plugin-mag", entry_points={"mag": "sp_mag_f"}, modules={"sp_mag_f": plugin_source("magnitude")})
-    with pytest.raises(AmbiguousNameError, match="builtin:magnitude"):
-        sc.create_sparsifier("magnitude")
+def test_a_plugin_that_reuses_a_builtin_name_leaves_the_short_name_to_the_builtin(fake_site, plugin_source, monkeypatch):
+    # Installing such a plugin made 'magnitude' ambiguous: every existing script and config broke.
+    monkeypatch.setenv("SPARSITY_PLUGINS", "mag")  # this test's plugin, whatever else is installed
+    fake_site().add("sparsity-plugin-mag", entry_points={"mag": "sp_mag_f"}, modules={"sp_mag_f": plugin_source("magnitude", "Shadow")})
+    with pytest.warns(PluginWarning, match="mag:magnitude") as caught:
+        assert type(sc.create_sparsifier("magnitude")).__module__ == "sparsity_core.builtin.sparsifiers"
+    assert len(caught) == 1 and "built-in" in str(caught[0].message)
+    assert type(sc.create_sparsifier("mag:magnitude")).__name__ == "Shadow"
     assert sc.create_sparsifier("builtin:magnitude").name == "magnitude"
-    assert {"builtin:magnitude", "mag:magnitude"} <= set(sc.list_sparsifiers())
+    names = set(sc.list_sparsifiers())
+    assert {"magnitude", "mag:magnitude"} <= names and "builtin:magnitude" not in names
+    assert "magnitude_half" in sc.list_schedulers()  # its other names are unaffected
+    info = next(p for p in sc.plugins() if p.name == "mag")
+    assert info.status == "loaded" and info.sparsifiers == ["magnitude"]
 
 
 def test_two_distributions_with_one_entry_point_name(fake_site, plugin_source):
