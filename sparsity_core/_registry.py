@@ -49,7 +49,7 @@ def _env_list(environ: Mapping[str, str], key: str) -> set[str] | None:
     raw = environ.get(key)
     if raw is None or not raw.strip():
         return None
-    return {normalize(part) for part in raw.split(",") if part.strip()}
+    return {normalize(part.strip()) for part in raw.split(",") if part.strip()}
 
 
 @dataclass
@@ -171,11 +171,13 @@ class Registry:
         if self._autoload is not False:
             allow = _env_list(env, "SPARSITY_PLUGINS")
             deny = _env_list(env, "SPARSITY_DISABLE_PLUGINS") or set()
+            installed: dict[str, str] = {normalize(BUILTIN): BUILTIN}
             for ep in self._entry_points():
                 dist = getattr(ep, "dist", None)
                 meta = dist.metadata if dist is not None else None  # parses METADATA: once
                 dist_name, version = (meta["Name"], meta["Version"]) if meta is not None else (None, None)
                 keys = {normalize(ep.name)} | ({normalize(dist_name)} if dist_name else set())
+                installed.update({normalize(n): n for n in (ep.name, dist_name) if n})
                 reason = None
                 if not autoload:
                     reason = "disabled by SPARSITY_DISABLE_PLUGIN_AUTOLOAD=1"
@@ -187,6 +189,9 @@ class Registry:
                     self._record(PluginInfo(ep.name, dist_name, version, "disabled", ep.value, error=reason))
                 else:
                     self._add(ep.name, ep.load, dist_name, version, module=ep.value)
+            if autoload:
+                _warn_unmatched(env, "SPARSITY_PLUGINS", allow, installed)
+                _warn_unmatched(env, "SPARSITY_DISABLE_PLUGINS", deny, installed)
         for name, obj in self._extra:
             self._add(name, lambda obj=obj: obj, None, None, module=getattr(obj, "__name__", repr(obj)))
 
@@ -387,6 +392,21 @@ class Registry:
             lines.append("Plugins not loaded (one of them may provide it):")
             lines += [f"  - {p.label} [{p.status}]: {p.error}" for p in trouble]
         return UnknownNameError("\n".join(lines), name=name, kind=kind, suggestions=close)
+
+
+def _warn_unmatched(environ: Mapping[str, str], key: str, listed: set[str] | None, installed: dict[str, str]) -> None:
+    """A name in a plugin list that no installed plugin has is a typo (in SPARSITY_PLUGINS one
+    silently disabled every plugin): say so, with the names there are."""
+    for name in sorted((listed or set()) - set(installed)):
+        close = difflib.get_close_matches(name, list(installed), n=1, cutoff=0.6)
+        hint = f"; did you mean {installed[close[0]]!r}?" if close else ""
+        names = ", ".join(sorted(set(installed.values())))
+        warnings.warn(
+            f"{key}={environ.get(key)} names {name!r}, which no installed sparsity plugin has{hint} "
+            f"Installed (entry point or distribution names): {names}.",
+            PluginWarning,
+            stacklevel=5,
+        )
 
 
 def _check_class(kind: Kind, cls: Any, plugin: str) -> None:

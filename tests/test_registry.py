@@ -262,6 +262,33 @@ def test_normalize_treats_dash_underscore_and_case_alike():
     assert normalize("Sparsity_Plugin-X") == normalize("sparsity-plugin.x") == "sparsity-plugin-x"
 
 
+@pytest.mark.parametrize(
+    ("environ", "typo", "hint"),
+    [
+        ({"SPARSITY_PLUGINS": "red_oen"}, "red_oen", "red_one"),
+        ({"SPARSITY_PLUGINS": "red_one,bleu"}, "bleu", "blue"),
+        (
+            {"SPARSITY_PLUGINS": "red_one", "SPARSITY_DISABLE_PLUGINS": "sparsity-plugin-bleu"},
+            "sparsity-plugin-bleu",
+            "sparsity_plugin_blue",
+        ),
+    ],
+)
+def test_a_plugin_list_naming_no_installed_plugin_warns(two_plugins, environ, typo, hint):
+    # a typo in SPARSITY_PLUGINS silently disabled every plugin
+    registry = Registry(environ=environ)
+    with pytest.warns(PluginWarning, match=typo) as caught:
+        registry.names("sparsifier")
+    message = str(caught[0].message)
+    assert f"did you mean {hint!r}" in message and "red_one" in message and "blue" in message
+    registry.names("sparsifier")  # once, not at every use
+
+
+def test_a_plugin_list_naming_installed_plugins_or_builtin_is_silent(two_plugins):
+    registry = Registry(environ={"SPARSITY_PLUGINS": "builtin, Red-One , sparsity-plugin-blue"})
+    assert {"red", "blue", "magnitude"} <= set(registry.names("sparsifier"))
+
+
 KEYBOARD_PLUGIN = """
 import os
 if os.path.exists({marker!r}):
