@@ -738,9 +738,18 @@ def score_masks(
 
 def _units(scorer: Scorer, pattern: object) -> _Units:
     kind, a, b = pattern  # type: ignore[misc]
+    if scorer.tensor.numel() == 0:  # nothing to keep or prune, and no matrix view to cut in blocks
+        return _Elements(scorer)
     if kind == "channel":
         return _Blocks(scorer, 1, max(1, scorer.shape2d[1]))
     if kind == "block" and (a, b) != (1, 1):
+        rows, cols = scorer.shape2d
+        if a > rows or b > cols:  # one ragged block would be the whole tensor: all or nothing
+            raise ValueError(
+                f"pattern '{a}x{b}' does not fit tensor {scorer.name!r}: its [outputs, reduction] matrix "
+                f"view is [{rows}, {cols}] (shape {tuple(scorer.tensor.shape)}), smaller than one block; "
+                f"use a smaller block for it (overrides) or leave it out (exclude)"
+            )
         return _Blocks(scorer, a, b)
     return _Elements(scorer)
 
