@@ -744,11 +744,12 @@ def _units(scorer: Scorer, pattern: object) -> _Units:
         return _Blocks(scorer, 1, max(1, scorer.shape2d[1]))
     if kind == "block" and (a, b) != (1, 1):
         rows, cols = scorer.shape2d
-        if a > rows or b > cols:  # one ragged block would be the whole tensor: all or nothing
+        if rows <= a and cols <= b and (rows, cols) != (a, b):  # one ragged block, all or nothing
             raise ValueError(
-                f"pattern '{a}x{b}' does not fit tensor {scorer.name!r}: its [outputs, reduction] matrix "
-                f"view is [{rows}, {cols}] (shape {tuple(scorer.tensor.shape)}), smaller than one block; "
-                f"use a smaller block for it (overrides) or leave it out (exclude)"
+                f"pattern '{a}x{b}' is larger than tensor {scorer.name!r}: its [outputs, reduction] "
+                f"matrix view is [{rows}, {cols}] (shape {tuple(scorer.tensor.shape)}), all inside one "
+                f"block, so it could only be kept or pruned whole; use a smaller block for it "
+                f"(overrides) or leave it out (exclude)"
             )
         return _Blocks(scorer, a, b)
     return _Elements(scorer)

@@ -19,23 +19,27 @@ def builtins_only():
 
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
-@pytest.mark.parametrize(("shape", "pattern"), [((4, 4), "8x8"), ((4, 16), "8x1"), ((16, 2), "1x4")])
+@pytest.mark.parametrize(
+    ("shape", "pattern", "matrix"),
+    [((4, 4), "8x8", "[4, 4]"), ((4, 16), "8x16", "[4, 16]"), ((1, 3), "1x4", "[1, 3]"), ((3,), "2x4", "[1, 3]")],
+)
 @pytest.mark.parametrize("level", [0.5, 0.6])
-def test_a_block_larger_than_its_tensor_is_an_error_naming_both(shape, pattern, scope, level):
+def test_a_block_larger_than_its_tensor_is_an_error_naming_both(shape, pattern, matrix, scope, level):
     # level 0.5 pruned nothing and 0.6 zeroed the whole tensor: one ragged block was all of it
     weights = {"big": torch.randn(64, 64), "small.weight": torch.randn(*shape)}
     before = {n: t.clone() for n, t in weights.items()}
     with pytest.raises(ValueError) as exc:
         sc.sparsify(weights, "magnitude", {"sparsity_level": level, "pattern": pattern, "scope": scope})
     text = str(exc.value)
-    assert "'small.weight'" in text and pattern in text and "[%d, %d]" % shape in text
+    assert "'small.weight'" in text and pattern in text and matrix in text and "larger than" in text
     assert torch.equal(weights["small.weight"], before["small.weight"])  # neither all nor nothing pruned
 
 
-def test_a_block_that_fits_once_with_ragged_edges_still_works():
-    weights = {"w": torch.arange(1.0, 61.0).view(6, 10)}
-    report = sc.sparsify(weights, "magnitude", {"sparsity_level": 0.5, "pattern": "4x4"})
-    assert 0.0 < report["w"] < 1.0
+@pytest.mark.parametrize(("shape", "pattern"), [((6, 10), "4x4"), ((4, 16), "8x1"), ((16, 2), "1x4"), ((50,), "2x4"), ((4, 4), "4x4")])
+def test_a_tensor_of_more_than_one_block_or_exactly_one_still_works(shape, pattern):
+    # ragged edges are blocks too (a 1-D tensor takes 2x4 as its 1x4 edge blocks)
+    weights = {"w": torch.arange(1.0, 1.0 + torch.Size(shape).numel()).view(shape)}
+    sc.sparsify(weights, "magnitude", {"sparsity_level": 0.5, "pattern": pattern})
 
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
