@@ -121,8 +121,9 @@ class Registry:
         self._extra = list(plugins)
         self._lock = threading.RLock()
         self._loaded = False
-        #: The plugin being loaded while discovery runs (held under the lock, so only the
-        #: discovering thread can see it set).
+        #: Whether discovery runs, and the plugin it is loading (set under the lock, so only the
+        #: discovering thread can see them set).
+        self._discovering = False
         self._loading: str | None = None
         self._clear()
 
@@ -137,16 +138,17 @@ class Registry:
     def _ensure(self) -> None:
         if not self._loaded:
             with self._lock:
-                if self._loading is not None:
+                if self._discovering:
                     # Only the discovering thread gets here (others wait on the lock): a plugin
                     # looked a name up while it was loaded. Discovery must not start again.
+                    who = f"plugin {self._loading!r}" if self._loading else "code run by plugin discovery"
                     raise PluginLoadError(
-                        f"plugin {self._loading!r} used the sparsity registry while it was being loaded "
-                        f"(at import or in its register hook); look names up when they are used, not "
-                        f"while registering",
-                        plugin=self._loading,
+                        f"{who} used the sparsity registry while it was being loaded (at import or in "
+                        f"its register hook); look names up when they are used, not while registering",
+                        plugin=self._loading or "",
                     )
                 if not self._loaded:
+                    self._discovering = True
                     try:
                         self._discover()
                     except BaseException:
@@ -155,7 +157,7 @@ class Registry:
                         self._clear()
                         raise
                     finally:
-                        self._loading = None
+                        self._discovering, self._loading = False, None
                     self._loaded = True
         if self._strict_error is not None:
             raise self._strict_error
