@@ -401,7 +401,7 @@ def _warn_unmatched(environ: Mapping[str, str], key: str, listed: set[str] | Non
     silently disabled every plugin): say so, with the names there are."""
     for name in sorted((listed or set()) - set(installed)):
         close = difflib.get_close_matches(name, list(installed), n=1, cutoff=0.6)
-        hint = f"; did you mean {installed[close[0]]!r}?" if close else ""
+        hint = f"; did you mean {installed[close[0]]!r}?" if close else "."
         names = ", ".join(sorted(set(installed.values())))
         warnings.warn(
             f"{key}={environ.get(key)} names {name!r}, which no installed sparsity plugin has{hint} "
