@@ -805,9 +805,19 @@ def _mask_many(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
 
 def _units(scorer: Scorer, pattern: object) -> _Units:
     kind, a, b = pattern  # type: ignore[misc]
+    if scorer.tensor.numel() == 0:  # nothing to keep or prune, and no matrix view to cut in blocks
+        return _Elements(scorer)
     if kind == "channel":
         return _Blocks(scorer, 1, max(1, scorer.shape2d[1]))
     if kind == "block" and (a, b) != (1, 1):
+        rows, cols = scorer.shape2d
+        if rows <= a and cols <= b and (rows, cols) != (a, b):  # one ragged block, all or nothing
+            raise ValueError(
+                f"pattern '{a}x{b}' is larger than tensor {scorer.name!r}: its [outputs, reduction] "
+                f"matrix view is [{rows}, {cols}] (shape {tuple(scorer.tensor.shape)}), all inside one "
+                f"block, so it could only be kept or pruned whole; use a smaller block for it "
+                f"(overrides) or leave it out (exclude)"
+            )
         return _Blocks(scorer, a, b)
     return _Elements(scorer)
 

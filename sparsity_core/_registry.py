@@ -49,7 +49,7 @@ def _env_list(environ: Mapping[str, str], key: str) -> set[str] | None:
     raw = environ.get(key)
     if raw is None or not raw.strip():
         return None
-    return {normalize(part) for part in raw.split(",") if part.strip()}
+    return {normalize(part.strip()) for part in raw.split(",") if part.strip()}
 
 
 @dataclass
@@ -121,6 +121,13 @@ class Registry:
         self._extra = list(plugins)
         self._lock = threading.RLock()
         self._loaded = False
+        #: Whether discovery runs, and the plugin it is loading (set under the lock, so only the
+        #: discovering thread can see them set).
+        self._discovering = False
+        self._loading: str | None = None
+        self._clear()
+
+    def _clear(self) -> None:
         self._strict_error: PluginLoadError | None = None
         self._plugins: dict[str, PluginInfo] = {}
         self._impls: dict[Kind, dict[str, Implementation]] = {"sparsifier": {}, "scheduler": {}}
@@ -131,8 +138,26 @@ class Registry:
     def _ensure(self) -> None:
         if not self._loaded:
             with self._lock:
+                if self._discovering:
+                    # Only the discovering thread gets here (others wait on the lock): a plugin
+                    # looked a name up while it was loaded. Discovery must not start again.
+                    who = f"plugin {self._loading!r}" if self._loading else "code run by plugin discovery"
+                    raise PluginLoadError(
+                        f"{who} used the sparsity registry while it was being loaded (at import or in "
+                        f"its register hook); look names up when they are used, not while registering",
+                        plugin=self._loading or "",
+                    )
                 if not self._loaded:
-                    self._discover()
+                    self._discovering = True
+                    try:
+                        self._discover()
+                    except BaseException:
+                        # KeyboardInterrupt, SystemExit, a warning turned error: what was found so
+                        # far is dropped, so that the next use starts discovery from nothing.
+                        self._clear()
+                        raise
+                    finally:
+                        self._discovering, self._loading = False, None
                     self._loaded = True
         if self._strict_error is not None:
             raise self._strict_error
@@ -148,11 +173,13 @@ class Registry:
         if self._autoload is not False:
             allow = _env_list(env, "SPARSITY_PLUGINS")
             deny = _env_list(env, "SPARSITY_DISABLE_PLUGINS") or set()
+            installed: dict[str, str] = {normalize(BUILTIN): BUILTIN}
             for ep in self._entry_points():
                 dist = getattr(ep, "dist", None)
                 meta = dist.metadata if dist is not None else None  # parses METADATA: once
                 dist_name, version = (meta["Name"], meta["Version"]) if meta is not None else (None, None)
                 keys = {normalize(ep.name)} | ({normalize(dist_name)} if dist_name else set())
+                installed.update({normalize(n): n for n in (ep.name, dist_name) if n})
                 reason = None
                 if not autoload:
                     reason = "disabled by SPARSITY_DISABLE_PLUGIN_AUTOLOAD=1"
@@ -164,6 +191,9 @@ class Registry:
                     self._record(PluginInfo(ep.name, dist_name, version, "disabled", ep.value, error=reason))
                 else:
                     self._add(ep.name, ep.load, dist_name, version, module=ep.value)
+            if autoload:
+                _warn_unmatched(env, "SPARSITY_PLUGINS", allow, installed)
+                _warn_unmatched(env, "SPARSITY_DISABLE_PLUGINS", deny, installed)
         for name, obj in self._extra:
             self._add(name, lambda obj=obj: obj, None, None, module=getattr(obj, "__name__", repr(obj)))
 
@@ -203,6 +233,7 @@ class Registry:
         if info.status != "loaded":
             self._fail(info, None)
             return
+        self._loading = name
         stage, obj = "import", None
         try:
             obj = load()
@@ -215,12 +246,11 @@ class Registry:
                     f"provides API {API_VERSION} (and runs plugins for APIs {', '.join(map(str, SUPPORTED_APIS))}); "
                     f"upgrade the plugin or sparsity-core"
                 )
-                self._fail(info, None)
-                return
-            stage = "register"
-            self.pm.register(obj, name=name)
-            self._check_hooks(name)
-            staged = self._collect(name, obj)
+            else:
+                stage = "register"
+                self.pm.register(obj, name=name)
+                self._check_hooks(name)
+                staged = self._collect(name, obj)
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the others down
             if obj is not None and self.pm.is_registered(obj):
                 self.pm.unregister(obj)
@@ -229,9 +259,31 @@ class Registry:
             info.error = f"{where[stage]}: {type(exc).__name__}: {exc}"
             self._fail(info, exc)
             return
+        finally:
+            self._loading = None
+        if info.status == "incompatible":
+            self._fail(info, None)
+            return
         for impl in staged:
             self._impls[impl.kind][impl.qualified_name] = impl
             (info.sparsifiers if impl.kind == "sparsifier" else info.schedulers).append(impl.name)
+        self._warn_shadowed(info, staged)
+
+    def _warn_shadowed(self, info: PluginInfo, staged: list[Implementation]) -> None:
+        """Built-ins keep their short names: a plugin that registers one is reachable qualified
+        only, so that installing it never breaks a script or config that says 'magnitude'."""
+        if info.name == BUILTIN:
+            return
+        builtin = self._plugins[BUILTIN]
+        taken = [i for i in staged if i.name in (builtin.sparsifiers if i.kind == "sparsifier" else builtin.schedulers)]
+        if taken:
+            listing = ", ".join(f"{i.kind} {i.name!r} (use {i.qualified_name!r})" for i in taken)
+            warnings.warn(
+                f"sparsity plugin {info.label} registers names the built-ins already have: {listing}. "
+                f"A short name stays the built-in's; the plugin's is reachable by its qualified name.",
+                PluginWarning,
+                stacklevel=4,
+            )
 
     def _check_hooks(self, name: str) -> None:
         """pluggy accepts hook implementations nobody specified; a misspelt hook would then
@@ -293,7 +345,10 @@ class Registry:
             by_short.setdefault(impl.name, []).append(impl)
         out = []
         for short, impls in by_short.items():
-            out.extend([short] if len(impls) == 1 else [i.qualified_name for i in impls])
+            if len(impls) == 1:
+                out.append(short)
+            else:  # the built-in keeps its short name (see get); the rest are listed qualified
+                out.extend(short if i.plugin.name == BUILTIN else i.qualified_name for i in impls)
         return sorted(out)
 
     def get(self, kind: Kind, name: str) -> Implementation:
@@ -311,6 +366,10 @@ class Registry:
         matches = [impl for impl in table.values() if impl.name == name]
         if len(matches) == 1:
             return matches[0]
+        # Built-ins win their short names: a plugin registering one is reachable qualified only.
+        builtin = next((impl for impl in matches if impl.plugin.name == BUILTIN), None)
+        if builtin is not None:
+            return builtin
         if not matches:
             raise self._unknown(kind, name)
         matches.sort(key=lambda i: i.qualified_name)
@@ -336,6 +395,21 @@ class Registry:
             lines.append("Plugins not loaded (one of them may provide it):")
             lines += [f"  - {p.label} [{p.status}]: {p.error}" for p in trouble]
         return UnknownNameError("\n".join(lines), name=name, kind=kind, suggestions=close)
+
+
+def _warn_unmatched(environ: Mapping[str, str], key: str, listed: set[str] | None, installed: dict[str, str]) -> None:
+    """A name in a plugin list that no installed plugin has is a typo (in SPARSITY_PLUGINS one
+    silently disabled every plugin): say so, with the names there are."""
+    for name in sorted((listed or set()) - set(installed)):
+        close = difflib.get_close_matches(name, list(installed), n=1, cutoff=0.6)
+        hint = f"; did you mean {installed[close[0]]!r}?" if close else "."
+        names = ", ".join(sorted(set(installed.values())))
+        warnings.warn(
+            f"{key}={environ.get(key)} names {name!r}, which no installed sparsity plugin has{hint} "
+            f"Installed (entry point or distribution names): {names}.",
+            PluginWarning,
+            stacklevel=5,
+        )
 
 
 def _check_class(kind: Kind, cls: Any, plugin: str) -> None:

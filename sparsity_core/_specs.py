@@ -7,9 +7,18 @@ field has a description; ``extra="forbid"`` turns a misspelt argument into an er
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, NamedTuple
+from types import UnionType
+from typing import Any, Literal, NamedTuple, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 _BLOCK = re.compile(r"^([1-9][0-9]*)x([1-9][0-9]*)$")
 _NM = re.compile(r"^([0-9]+):([1-9][0-9]*)$")
@@ -47,8 +56,23 @@ def parse_pattern(text: str) -> Pattern:
     )
 
 
+def _number_not_bool(annotation: Any) -> bool:
+    """Whether a field takes numbers (int/float, optionally None) and not bools."""
+    members = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return bool({int, float}.intersection(members)) and bool not in members
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, defer_build=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _refuse_bools_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads True as 1 (sparsity_level=True pruned everything); ints,
+        # floats and numeric strings still convert, so 1, JSON and command lines keep working.
+        if isinstance(value, bool) and info.field_name and _number_not_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, not a bool ({value!r})")
+        return value
 
 
 #: Fields that select names; an override cannot change them (it is already a selection).

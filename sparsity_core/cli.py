@@ -7,8 +7,10 @@ It never imports torch to list or show: the registry, specs and base classes are
 from __future__ import annotations
 
 import argparse
+import difflib
 import inspect
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +21,7 @@ from pydantic_core import PydanticUndefined
 
 from ._errors import AmbiguousNameError, PluginLoadError, UnknownNameError
 from ._registry import Implementation, Kind, get_registry
+from ._version import API_VERSION, __version__
 
 KINDS: tuple[Kind, ...] = ("sparsifier", "scheduler")
 
@@ -147,7 +150,19 @@ def _find(name: str, kind: Kind | None) -> Implementation:
             kind="sparsifier",
             candidates=[f.qualified_name for f in found],
         )
-    raise errors[0]
+    # Unknown as either kind: suggest across both (each kind's own error knows only its names).
+    vocabulary: dict[str, Kind] = {}
+    for k in KINDS:
+        for impl in registry.implementations(k):
+            vocabulary.setdefault(impl.name, k)
+            vocabulary.setdefault(impl.qualified_name, k)
+    close = difflib.get_close_matches(name, list(vocabulary), n=3, cutoff=0.6)
+    lines = [f"unknown sparsifier or scheduler {name!r}."]
+    if close:
+        lines[0] += " Did you mean " + " or ".join(f"{c!r} (a {vocabulary[c]})" for c in close) + "?"
+    sparsifiers, schedulers = (str(e).splitlines() for e in errors)
+    lines += [sparsifiers[1], schedulers[1], *sparsifiers[2:]]  # available names, then failed plugins
+    raise UnknownNameError("\n".join(lines), name=name, kind="sparsifier", suggestions=close)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -175,7 +190,14 @@ def cmd_show(args: argparse.Namespace) -> int:
         table.add_row(f["name"], f["type"], repr(f["default"]), f["description"])
     console.print(table)
     console.print("JSON schema:")
-    console.print(Syntax(json.dumps(info["schema"], indent=2), "json", theme="ansi_dark", background_color="default"))
+    # Whole lines at any terminal width (a cropped or folded line is not JSON any more).
+    schema = Syntax(json.dumps(info["schema"], indent=2), "json", theme="ansi_dark", background_color="default")
+    width = console.width
+    console.width = max(width, max(len(line) for line in schema.code.splitlines()) + 1)
+    try:
+        console.print(schema)
+    finally:
+        console.width = width
     return 0
 
 
@@ -219,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsity", description="Sparsifiers and sparsity schedulers, as plugins, for PyTorch and Lightning."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__} (plugin API {API_VERSION})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("plugins", help="what was discovered: plugin, distribution, version, status, names, error")
@@ -253,7 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, so that a closed pipe is seen here and not at exit
+        return code
+    except BrokenPipeError:
+        # `sparsity list --json | head`: the reader is gone. Exit like a tool killed by SIGPIPE,
+        # quietly; stdout goes to devnull so that the flush at exit does not complain.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
     except (UnknownNameError, AmbiguousNameError, PluginLoadError, FileExistsError, ValueError) as exc:
         print(f"sparsity {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -14,11 +14,11 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_type_hints
 
 import pytorch_lightning as pl
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -35,10 +35,36 @@ __all__ = ["PostTrainingSparsity", "TrainingAwareSparsity"]
 #: Version of the callback state stored in checkpoints (the controller's state rides inside it).
 CALLBACK_STATE_VERSION = 1
 
+
+
+def _base60_patterns(args: Any) -> Any:
+    """Give back the ``pattern`` strings that YAML 1.1 read as numbers: an unquoted ``2:4`` is
+    the base-60 integer 124 (2 * 60 + 4). No pattern is a number, and a base-60 reading is at
+    least 60, so such an integer is turned back into its base-60 digits; anything else is left
+    for the spec to judge."""
+    if not isinstance(args, dict):
+        return args
+    out = dict(args)
+    pattern = out.get("pattern")
+    if type(pattern) is int and pattern >= 60:
+        digits = []
+        while pattern:
+            pattern, digit = divmod(pattern, 60)
+            digits.append(str(digit))
+        out["pattern"] = ":".join(reversed(digits))
+    if isinstance(out.get("overrides"), dict):
+        out["overrides"] = {k: _base60_patterns(v) for k, v in out["overrides"].items()}
+    return out
+
+
 # Plain dict first: jsonargparse (LightningCLI) tries union members in order, and a YAML mapping
-# must reach our own validation whole, not be coerced into the base spec.
-SparsifierArgs = Union[dict[str, Any], SparsifierSpec, None]
-SchedulerArgs = Union[dict[str, Any], SchedulerSpec, None]
+# must reach our own validation whole, not be coerced into the base spec. Annotated with a
+# pydantic validator, jsonargparse validates the mapping with pydantic instead of adapting each
+# `Any` value, which re-parsed every string as YAML (a quoted "2:4" became 124); `str` before
+# `Any` keeps the strings as strings when jsonargparse writes the config back (print, save).
+_ArgsDict = Annotated[dict[str, Union[str, Any]], BeforeValidator(_base60_patterns)]
+SparsifierArgs = Union[_ArgsDict, SparsifierSpec, None]
+SchedulerArgs = Union[_ArgsDict, SchedulerSpec, None]
 
 
 def _validated(kind: str, impl: str | type, args: Any) -> tuple[type, BaseModel]:
@@ -177,8 +203,14 @@ class _SparsityCallback(Callback):
     ) -> None:
         super().__init__()
         self._sparsifier_cls, self._sparsifier_spec = _validated("sparsifier", sparsifier, sparsifier_args)
+        # bool is an int subclass; "8" and 2.5 are not ints (a raw TypeError, or 2.5 accepted)
+        if not isinstance(calibration_batches, int) or isinstance(calibration_batches, bool):
+            raise TypeError(
+                f"{type(self).__name__}: calibration_batches must be a non-negative int, "
+                f"got {calibration_batches!r} ({type(calibration_batches).__name__})"
+            )
         if calibration_batches < 0:
-            raise ValueError(f"calibration_batches must be >= 0, got {calibration_batches}")
+            raise ValueError(f"{type(self).__name__}: calibration_batches must be a non-negative int, got {calibration_batches!r}")
         self._check_data_needs(calibration_batches, sequential, calibration_inputs, training_gradients)
         self.sparsifier = sparsifier
         self.sparsifier_args = sparsifier_args
@@ -684,3 +716,10 @@ class TrainingAwareSparsity(_SparsityCallback):
             )
         # Applied at train start, once the network is bound and its weights are restored.
         self._pending_state = dict(state_dict)
+
+
+# jsonargparse (LightningCLI) evaluates postponed annotations with typing.get_type_hints, which
+# drops `Annotated` and with it the validator of SparsifierArgs/SchedulerArgs; evaluated here
+# (keeping it), the signatures reach it as written.
+for _callback in (PostTrainingSparsity, TrainingAwareSparsity):
+    _callback.__init__.__annotations__ = get_type_hints(_callback.__init__, include_extras=True)

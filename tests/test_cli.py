@@ -79,3 +79,37 @@ def test_plugins_json_shows_a_broken_plugin_and_honours_the_environment(tmp_path
 @pytest.mark.parametrize("argv", [["--help"], ["show", "--help"]])
 def test_help(argv):
     assert "sparsity" in run(*argv).stdout
+
+
+def test_version():
+    from sparsity_core import __version__
+
+    proc = run("--version")
+    assert __version__ in proc.stdout and "API" in proc.stdout
+
+
+def test_show_finds_schedulers_and_suggests_across_both_kinds():
+    assert json.loads(run("show", "step", "--json").stdout)["kind"] == "scheduler"
+    for typo, meant in (("cubc", "cubic"), ("magnitud", "magnitude")):
+        proc = run("show", typo, ok=False)
+        assert proc.returncode == 2 and f"Did you mean '{meant}'" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["list", "--json"], ["show", "magnitude", "--json"], ["plugins", "--json"], ["list"]])
+def test_a_closed_pipe_exits_quietly(argv):
+    # `sparsity list --json | head -1`: the reader is gone before the output is written
+    proc = subprocess.Popen(
+        [str(SCRIPT), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "200"}
+    )
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) != 0  # the output did not all arrive: not a success
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err
+
+
+def test_show_prints_the_whole_json_schema_in_a_narrow_terminal():
+    schema = json.loads(run("show", "magnitude", "--json").stdout)["schema"]
+    out = run("show", "magnitude", env={"COLUMNS": "40"}).stdout
+    assert json.loads(out.split("JSON schema:", 1)[1]) == schema

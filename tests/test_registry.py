@@ -134,12 +134,20 @@ def test_same_short_name_from_two_plugins_is_ambiguous_in_any_install_order(fake
         assert "alpha:shared" in names and "beta:shared" in names and "shared" not in names
 
 
-def test_a_plugin_that_reuses_a_builtin_name_makes_the_short_name_ambiguous(fake_site, plugin_source):
-    fake_site().add("sparsity-plugin-mag", entry_points={"mag": "sp_mag_f"}, modules={"sp_mag_f": plugin_source("magnitude")})
-    with pytest.raises(AmbiguousNameError, match="builtin:magnitude"):
-        sc.create_sparsifier("magnitude")
+def test_a_plugin_that_reuses_a_builtin_name_leaves_the_short_name_to_the_builtin(fake_site, plugin_source, monkeypatch):
+    # Installing such a plugin made 'magnitude' ambiguous: every existing script and config broke.
+    monkeypatch.setenv("SPARSITY_PLUGINS", "mag")  # this test's plugin, whatever else is installed
+    fake_site().add("sparsity-plugin-mag", entry_points={"mag": "sp_mag_f"}, modules={"sp_mag_f": plugin_source("magnitude", "Shadow")})
+    with pytest.warns(PluginWarning, match="mag:magnitude") as caught:
+        assert type(sc.create_sparsifier("magnitude")).__module__ == "sparsity_core.builtin.sparsifiers"
+    assert len(caught) == 1 and "built-in" in str(caught[0].message)
+    assert type(sc.create_sparsifier("mag:magnitude")).__name__ == "Shadow"
     assert sc.create_sparsifier("builtin:magnitude").name == "magnitude"
-    assert {"builtin:magnitude", "mag:magnitude"} <= set(sc.list_sparsifiers())
+    names = set(sc.list_sparsifiers())
+    assert {"magnitude", "mag:magnitude"} <= names and "builtin:magnitude" not in names
+    assert "magnitude_half" in sc.list_schedulers()  # its other names are unaffected
+    info = next(p for p in sc.plugins() if p.name == "mag")
+    assert info.status == "loaded" and info.sparsifiers == ["magnitude"]
 
 
 def test_two_distributions_with_one_entry_point_name(fake_site, plugin_source):
@@ -261,3 +269,89 @@ def test_a_local_class_works_without_registration():
 
 def test_normalize_treats_dash_underscore_and_case_alike():
     assert normalize("Sparsity_Plugin-X") == normalize("sparsity-plugin.x") == "sparsity-plugin-x"
+
+
+@pytest.mark.parametrize(
+    ("environ", "typo", "hint"),
+    [
+        ({"SPARSITY_PLUGINS": "red_oen"}, "red_oen", "red_one"),
+        ({"SPARSITY_PLUGINS": "red_one,bleu"}, "bleu", "blue"),
+        (
+            {"SPARSITY_PLUGINS": "red_one", "SPARSITY_DISABLE_PLUGINS": "sparsity-plugin-bleu"},
+            "sparsity-plugin-bleu",
+            "sparsity_plugin_blue",
+        ),
+    ],
+)
+def test_a_plugin_list_naming_no_installed_plugin_warns(two_plugins, environ, typo, hint):
+    # a typo in SPARSITY_PLUGINS silently disabled every plugin
+    registry = Registry(environ=environ)
+    with pytest.warns(PluginWarning, match=typo) as caught:
+        registry.names("sparsifier")
+    message = str(caught[0].message)
+    assert f"did you mean {hint!r}" in message and "red_one" in message and "blue" in message
+    registry.names("sparsifier")  # once, not at every use
+
+
+def test_a_plugin_list_naming_installed_plugins_or_builtin_is_silent(two_plugins):
+    registry = Registry(environ={"SPARSITY_PLUGINS": "builtin, Red-One , sparsity-plugin-blue"})
+    assert {"red", "blue", "magnitude"} <= set(registry.names("sparsifier"))
+
+
+KEYBOARD_PLUGIN = """
+import os
+if os.path.exists({marker!r}):
+    os.remove({marker!r})
+    raise {exc}
+"""
+
+
+@pytest.mark.parametrize("exc", ["KeyboardInterrupt", "SystemExit(3)"])
+def test_an_interrupt_while_a_plugin_imports_propagates_and_the_next_use_starts_clean(fake_site, plugin_source, tmp_path, exc):
+    marker = tmp_path / "interrupt-once"
+    marker.write_text("")
+    site = fake_site()
+    site.add("sparsity-plugin-kbd", entry_points={"kbd": "sp_kbd_j"},
+             modules={"sp_kbd_j": KEYBOARD_PLUGIN.format(marker=str(marker), exc=exc) + plugin_source("kbd")})
+    site.add("sparsity-plugin-other", entry_points={"other": "sp_other_j"}, modules={"sp_other_j": plugin_source("other")})
+    registry = Registry(environ={"SPARSITY_PLUGINS": "kbd,other", "SPARSITY_STRICT_PLUGINS": "1"})
+    with pytest.raises(BaseException) as caught:
+        registry.names("sparsifier")
+    assert type(caught.value).__name__ == exc.split("(")[0]
+    # the retry found builtin, kbd and other 'already taken' and, strict, nothing worked again
+    assert {"magnitude", "kbd", "other"} <= set(registry.names("sparsifier"))
+    enabled = {p.name: p.status for p in registry.plugins() if p.status != "disabled"}
+    assert enabled == {"builtin": "loaded", "kbd": "loaded", "other": "loaded"}
+
+
+REENTRANT_AT_IMPORT = """
+import sparsity_core
+sparsity_core.create_sparsifier("magnitude")
+"""
+
+REENTRANT_IN_HOOK = """
+import sparsity_core
+from sparsity_core import hookimpl
+
+@hookimpl
+def register_schedulers(register):
+    sparsity_core.list_sparsifiers()
+"""
+
+
+@pytest.mark.parametrize("source", [REENTRANT_AT_IMPORT, REENTRANT_IN_HOOK], ids=["at-import", "in-hook"])
+def test_a_plugin_that_uses_the_registry_while_it_loads_gets_an_error_naming_it(fake_site, plugin_source, monkeypatch, source):
+    monkeypatch.setenv("SPARSITY_PLUGINS", "reentrant,after")
+    site = fake_site()
+    site.add("sparsity-plugin-reentrant", entry_points={"reentrant": "sp_re_k"}, modules={"sp_re_k": source})
+    site.add("sparsity-plugin-after", entry_points={"after": "sp_after_k"}, modules={"sp_after_k": plugin_source("after")})
+    with pytest.warns(PluginWarning, match="reentrant") as caught:
+        names = sc.list_sparsifiers()
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "plugin 'reentrant'" in message and "while it was being loaded" in message
+    # discovery was not re-entered: no plugin recorded twice, the others all work
+    enabled = {p.name: p.status for p in sc.plugins() if p.status != "disabled"}
+    assert enabled == {"after": "loaded", "builtin": "loaded", "reentrant": "failed"}
+    assert {"magnitude", "after"} <= set(names)
+    assert sc.create_sparsifier("magnitude").name == "magnitude"

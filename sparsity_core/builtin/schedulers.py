@@ -67,9 +67,15 @@ class Step(Scheduler):
         if spec.initial_level <= 0:
             return 0.0
         k = math.floor((t - spec.start) / spec.step_size + 1e-9)
-        # gamma ** k overflows for long runs; in log space the cap is reached first.
-        log_level = math.log(spec.initial_level) + k * math.log(spec.gamma)
-        return min(final_level, math.exp(min(log_level, 0.0)))
+        # The product itself, not exp(log(...)): that is off by ulps (0.1 -> 0.10000000000000002),
+        # and a level a hair above a block boundary prunes one more block. The logarithm only
+        # tells when the level is past 1 (so past any final level) before gamma ** k overflows.
+        if math.log(spec.initial_level) + k * math.log(spec.gamma) > 1.0:
+            return final_level
+        try:
+            return min(final_level, spec.initial_level * spec.gamma**k)
+        except OverflowError:  # a denormal initial_level times a huge gamma ** k; still below e
+            return min(final_level, math.exp(math.log(spec.initial_level) + k * math.log(spec.gamma)))
 
 
 BUILTIN_SCHEDULERS = [Constant, Linear, Cubic, Step]

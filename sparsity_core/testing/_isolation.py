@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import warnings
 from types import ModuleType
 
+from .._errors import PluginWarning
 from .._registry import Registry, normalize
 
 
@@ -24,7 +26,10 @@ def isolated_registry(plugin: str | ModuleType | object | None = None, *, name: 
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SPARSITY_")}
     environ.update(SPARSITY_PLUGINS=plugin, SPARSITY_STRICT_PLUGINS="1")
     registry = Registry(environ=environ)
-    infos = registry.plugins()
+    with warnings.catch_warnings():
+        # a name no plugin has: the LookupError below says so, with what to do
+        warnings.filterwarnings("ignore", r"SPARSITY_PLUGINS=.* which no installed sparsity plugin has", PluginWarning)
+        infos = registry.plugins()
     wanted = normalize(plugin)
     if not any(p.status == "loaded" and wanted in {normalize(p.name), normalize(p.distribution or "")} for p in infos):
         installed = sorted(p.name for p in infos if p.name != "builtin")
