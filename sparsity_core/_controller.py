@@ -153,6 +153,10 @@ class SparsityController:
         self._hooks: list[Any] = []
         self._optimizers: list[torch.optim.Optimizer] = []  # attached: their state follows the masks
         self._plan: tuple[dict[str, torch.Tensor], list[tuple[Any, Any]]] | None = None
+        #: Zero the attached optimizers' state of pruned entries at each mask update. A caller
+        #: that replaces the masks after an update (DDP: rank 0's masks on every rank) turns
+        #: it off and calls :meth:`mask_optimizer_state` once the masks are final.
+        self.mask_optimizer_state_on_update = True
         # name -> (mask, tensor version, data pointer) when this controller last masked the tensor
         self._masked: dict[str, tuple[torch.Tensor, int, int]] = {}
         # name -> (mask, whether it prunes anything)
@@ -241,8 +245,9 @@ class SparsityController:
         if weights:
             self._write_weights(weights)
         self.masks = {**self.masks, **masks}  # replaced, never changed in place (state_dict shares it)
-        with torch.no_grad():
-            self._mask_optimizer_state(masks)
+        if self.mask_optimizer_state_on_update:
+            with torch.no_grad():
+                self._mask_optimizer_state(masks)
         if fused is None:
             self.apply_masks(masks)
         else:
@@ -427,6 +432,11 @@ class SparsityController:
         self._pruning = {}
         self.detach()
         self._optimizers = []
+
+    @torch.no_grad()
+    def mask_optimizer_state(self) -> None:
+        """Zero the attached optimizers' state (momentum, Adam's moments) of every pruned entry."""
+        self._mask_optimizer_state(self.masks)
 
     def _mask_optimizer_state(self, masks: Mapping[str, torch.Tensor]) -> None:
         """Zero the optimizer state of pruned entries (momentum buffers, Adam's moments: every

@@ -552,6 +552,8 @@ class TrainingAwareSparsity(_SparsityCallback):
         if self.inplace:
             if self.controller is None or not self._same_parameters(network):
                 self.controller = self._controller(network, self._scheduler())
+            # under DDP the masks are final only once rank 0's are everywhere (see _update)
+            self.controller.mask_optimizer_state_on_update = False
             self.sparsified = network
             self.controller.detach()
             for optimizer in trainer.optimizers:
@@ -646,6 +648,7 @@ class TrainingAwareSparsity(_SparsityCallback):
                 if self._rewind_weights is not None:
                     controller.rewind(self._rewind_weights)
                 _sync_masks(trainer, controller)
+                controller.mask_optimizer_state()
             return
         # The seed's semantics: the copy takes the current dense weights and fresh masks.
         assert self._network_ref is not None
