@@ -332,10 +332,18 @@ def _run_pytest(directory, source: str) -> str:
     import subprocess
     import textwrap
 
+    import os
+    from pathlib import Path
+
+    import sparsity_core
+
     (directory / "test_generated_kit_use.py").write_text(textwrap.dedent(source))
+    # the child imports the sparsity_core under test (this checkout), not whichever one is installed
+    here = str(Path(sparsity_core.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error", "-rA"],
-        cwd=directory, capture_output=True, text=True, timeout=300,
+        cwd=directory, capture_output=True, text=True, timeout=300, env=env,
     )
     return proc.stdout + proc.stderr
 
