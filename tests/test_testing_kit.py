@@ -517,7 +517,7 @@ def test_a_correct_reconstruction_passes_its_own_rules() -> None:
         (MakesErrorWorse, "reconstruction_error", "the update makes the layer output error ||WX - W'X|| worse than pruning alone: '0.weight': "),
         (LeavesPrunedNonzero, "reconstruction_result", "torch.float32: weights for '0.weight' are nonzero at 256 of its 256 pruned positions"),
     ],
-    ids=lambda v: v.name if isinstance(v, type) else None,
+    ids=["writes_inputs", "makes_error_worse", "leaves_pruned"],
 )
 def test_a_reconstruction_defect_fails_exactly_its_check(cls: type, check: str, message: str) -> None:
     report = check_sparsifier(cls)
@@ -629,7 +629,7 @@ def test_gradients_come_from_the_probe_loss_on_the_live_parameters() -> None:
         (RemembersGradients, "calibration_reset", "statistics from an earlier calibration leaked into ['0.weight', '2.weight']"),
         (FallsBackToMagnitude, "gradients_required", "masks were computed with no gradient observed; raise an error that asks for gradients"),
     ],
-    ids=lambda v: v.name if isinstance(v, type) else None,
+    ids=["remembers", "falls_back"],
 )
 def test_a_gradient_defect_fails_exactly_its_check(cls: type, check: str, message: str) -> None:
     report = check_sparsifier(cls)
