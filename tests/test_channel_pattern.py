@@ -239,9 +239,9 @@ def test_nested_policy_keeps_pruned_channels_and_meets_the_level() -> None:
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "engine bug: score_masks (sparsity_core/_engine.py:728 and :733) raises the target to the pruned *elements* "
-        "(pruned_now), and select() rounds it to round(target / unit size) units: units that hold a currently pruned "
-        "element (score -inf) beyond that count are kept, reviving those elements"
+        "engine bug: score_masks (sparsity_core/_engine.py) raises the layer and global targets to the pruned "
+        "*elements* (pruned_now), and select() rounds that to round(target / unit size) units: units holding a "
+        "currently pruned element (score -inf) beyond that count are kept, reviving those elements"
     ),
 )
 @pytest.mark.parametrize("scope", ["layer", "global"])
@@ -273,9 +273,8 @@ def test_conv_transpose_channels_are_its_outputs_given_its_layout() -> None:
     assert _zero_rows(pruned, output_axis=1) == _lowest_rows(w.abs().movedim(1, 0), 4)
 
 
-@pytest.mark.xfail(strict=True, reason="the controller passes no MaskContext (layouts) to compute_masks yet: channels run along dim 0")
 def test_sparsify_prunes_conv_transpose_output_channels() -> None:
-    """Trips (XPASS, strict) once the controller passes layouts: then drop this marker."""
+    """Through sparsify(): the controller passes each tensor's layout (contract v2's MaskContext)."""
     torch.manual_seed(4)
     layer = nn.ConvTranspose2d(3, 8, 2)
     dense = layer.weight.detach().clone()
