@@ -33,6 +33,11 @@ class KitReport:
         return [r.check for r in self.results if r.status == "skipped"]
 
     @property
+    def skips(self) -> dict[str, str]:
+        """Skipped check name -> the reason it does not apply."""
+        return {r.check: r.message for r in self.results if r.status == "skipped"}
+
+    @property
     def failures(self) -> dict[str, str]:
         """Failed check name -> message."""
         return {r.check: r.message for r in self.results if r.status == "failed"}
@@ -81,7 +86,7 @@ def _run(
         known = {s.name for s in specs}
         unknown = [c for c in wanted if c not in known]
         if unknown:
-            raise ValueError(f"unknown {kind} checks {unknown}; the ones that apply here: {sorted(known)}")
+            raise ValueError(f"unknown {kind} checks {unknown}; the {kind} checks are: {sorted(known)}")
         specs = [s for s in specs if s.name in wanted]
     report = KitReport(kind, subject.label, tuple(run_check(s, subject) for s in specs))
     if raise_on_failure:
@@ -98,6 +103,10 @@ def check_sparsifier(
     raise_on_failure: bool = False,
 ) -> KitReport:
     """Run every sparsifier contract check (or only ``checks``) and report each by name.
+
+    Whether a check applies is read from the class (its ``capabilities``, whether it is a
+    ``ScoreSparsifier``): one that does not is reported as skipped with the reason, as is a probe
+    model outside the class's ``layer_kinds`` / ``tensor_ranks``. Nothing is left out silently.
 
     ``name_or_class``: a registered name (resolved through the current registry, which is also
     checked) or a class. ``args``: spec fields every check starts from (the kit sets the level,
@@ -149,5 +158,6 @@ def assert_conforms(name_or_class: str | type, args: Mapping[str, Any] | None = 
 
 
 def check_names(kind: Kind, name_or_class: str | type) -> list[str]:
-    """The names of the checks that apply to this implementation, in the order they run."""
+    """The names of every check of this implementation's kind, in the order they run (those that
+    do not apply to it are run as skipped, with the reason)."""
     return [s.name for s in checks_for(kind, resolve_class(kind, name_or_class), by_name=isinstance(name_or_class, str))]

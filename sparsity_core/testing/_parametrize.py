@@ -32,13 +32,16 @@ class Check:
     def __call__(self) -> None:
         from ._checks import CheckSkipped, Subject, checks_for
 
+        import pytest
+
         subject = Subject(self.kind, self.target, dict(self.args), self.seed)
         spec = next(s for s in checks_for(self.kind, subject.cls, by_name=isinstance(self.target, str)) if s.name == self.check)
+        reason = spec.skip_reason(subject)
+        if reason is not None:
+            pytest.skip(reason)
         try:
             spec.func(subject)
         except CheckSkipped as exc:
-            import pytest
-
             pytest.skip(str(exc))
 
     def __repr__(self) -> str:
