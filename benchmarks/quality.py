@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py                      # the table (trains 3 small models once, cached under out/)
     python benchmarks/quality.py --seeds 0 1 --json out/quality.json
+    python benchmarks/quality.py --levels 0.5 0.7      # an extra unstructured column
     python benchmarks/quality.py --quick              # tiny sizes, seconds (the smoke test's run)
 
 The papers' claim (SparseGPT, Frantar & Alistarh 2023; Wanda, Sun et al. 2023): pruned one-shot
@@ -41,10 +42,12 @@ import tinylm  # noqa: E402  (the sibling module, wherever the script is run fro
 
 import sparsity_core as sc  # noqa: E402
 
-SETTINGS: dict[str, dict[str, Any]] = {
-    "50%": {"sparsity_level": 0.5},
-    "2:4": {"pattern": "2:4"},
-}
+NM = {"2:4": {"pattern": "2:4"}}
+
+
+def settings(levels: list[float]) -> dict[str, dict[str, Any]]:
+    """Column label -> sparsifier arguments: each unstructured level ("50%"), then 2:4."""
+    return {f"{level:.0%}": {"sparsity_level": level} for level in levels} | NM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +85,8 @@ def prune_and_score(
     dense: torch.nn.Module, method: Method, setting: dict[str, Any], calibration: list[torch.Tensor], held_out: torch.Tensor
 ) -> dict[str, float]:
     model = copy.deepcopy(dense)
-    needs_data = sc.create_sparsifier(method.sparsifier).capabilities.calibration
-    kwargs: dict[str, Any] = {"calibration": calibration} if needs_data else {}
+    # a sparsifier that needs no data (magnitude) is handed the batches too: sparsify ignores them
+    kwargs: dict[str, Any] = {"calibration": calibration}
     if method.sequential:
         kwargs["sequential"] = BLOCKS
     start = time.perf_counter()
@@ -97,9 +100,9 @@ def summarise(values: list[float]) -> dict[str, float]:
 
 
 def markdown(table: dict[str, dict[str, dict[str, float]]], skipped: dict[str, str]) -> str:
-    cols = list(SETTINGS)
+    cols = list(next(iter(table.values())))
     lines = [
-        "| method | " + " | ".join(f"{c} {'unstructured' if c.endswith('%') else ''}".strip() for c in cols) + " |",
+        "| method | " + " | ".join(f"{c} unstructured" if c.endswith("%") else c for c in cols) + " |",
         "|---|" + "---:|" * len(cols),
     ]
     for label, row in table.items():
@@ -121,6 +124,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     chosen = [m for m in METHODS if args.methods is None or m.label in args.methods or m.sparsifier in args.methods]
     skipped = {m.label: why for m in chosen if (why := availability(m)) is not None}
     runnable = [m for m in chosen if m.label not in skipped]
+    columns = settings(args.levels)
 
     runs: list[dict[str, Any]] = []
     training: list[dict[str, Any]] = []
@@ -132,7 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         calibration = list(windows.split(args.calibration_batch))
         runs.append({"method": DENSE, "setting": None, "seed": seed, "ppl": tinylm.perplexity(dense, held_out), "sparsity": 0.0})
         for method in runnable:
-            for setting, spec in SETTINGS.items():
+            for setting, spec in columns.items():
                 result = prune_and_score(dense, method, spec, calibration, held_out)
                 runs.append({"method": method.label, "setting": setting, "seed": seed, **result})
                 if args.verbose:
@@ -141,10 +145,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     table: dict[str, dict[str, dict[str, float]]] = {}
     dense_ppl = [r["ppl"] for r in runs if r["method"] == DENSE]
-    table[DENSE] = {s: summarise(dense_ppl) for s in SETTINGS}
+    table[DENSE] = {s: summarise(dense_ppl) for s in columns}
     for method in runnable:
         table[method.label] = {
-            s: summarise([r["ppl"] for r in runs if r["method"] == method.label and r["setting"] == s]) for s in SETTINGS
+            s: summarise([r["ppl"] for r in runs if r["method"] == method.label and r["setting"] == s]) for s in columns
         }
     return {
         "config": dataclasses.asdict(config),
@@ -165,6 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model and data (seconds): the smoke test's run")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2; --quick: 0 1)")
+    parser.add_argument("--levels", type=float, nargs="+", default=[0.5], help="unstructured levels, one column each (default 0.5), beside 2:4")
     parser.add_argument("--methods", nargs="+", default=None, help="labels or sparsifier names to run (default: all)")
     parser.add_argument("--calibration", type=int, default=None, help="calibration sequences (default 32; --quick: 8)")
     parser.add_argument("--calibration-batch", type=int, default=8, help="sequences per calibration batch")
@@ -181,6 +186,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.calibration = 8 if args.quick else 32
     if args.eval_windows is None:
         args.eval_windows = 16 if args.quick else 64
+    if not all(0.0 < level < 1.0 for level in args.levels):
+        parser.error(f"--levels: each must lie strictly between 0 and 1, got {args.levels}")
     if args.methods is not None:
         known = {m.label for m in METHODS} | {m.sparsifier for m in METHODS}
         unknown = sorted(set(args.methods) - known)
