@@ -99,7 +99,7 @@ def summarise(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
 
-def markdown(table: dict[str, dict[str, dict[str, float]]], skipped: dict[str, str]) -> str:
+def markdown(table: dict[str, dict[str, dict[str, float]]], skipped: dict[str, str], notes: bool = True) -> str:
     cols = list(next(iter(table.values())))
     lines = [
         "| method | " + " | ".join(f"{c} unstructured" if c.endswith("%") else c for c in cols) + " |",
@@ -111,7 +111,7 @@ def markdown(table: dict[str, dict[str, dict[str, float]]], skipped: dict[str, s
     for label, why in skipped.items():
         lines.append(f"| {label} | " + " | ".join("skipped" for _ in cols) + " |")
     text = "\n".join(lines)
-    if skipped:
+    if skipped and notes:
         text += "\n\n" + "\n".join(f"- {label} skipped: {why}" for label, why in skipped.items())
     return text
 
@@ -146,10 +146,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     table: dict[str, dict[str, dict[str, float]]] = {}
     dense_ppl = [r["ppl"] for r in runs if r["method"] == DENSE]
     table[DENSE] = {s: summarise(dense_ppl) for s in columns}
+    # paired by seed: each pruned model against its own dense model, which removes the
+    # seed-to-seed spread of the dense models (larger than most gaps between methods here)
+    dense_by_seed = {r["seed"]: r["ppl"] for r in runs if r["method"] == DENSE}
+    increase: dict[str, dict[str, dict[str, float]]] = {}
     for method in runnable:
-        table[method.label] = {
-            s: summarise([r["ppl"] for r in runs if r["method"] == method.label and r["setting"] == s]) for s in columns
-        }
+        cells = {s: [r for r in runs if r["method"] == method.label and r["setting"] == s] for s in columns}
+        table[method.label] = {s: summarise([r["ppl"] for r in rs]) for s, rs in cells.items()}
+        increase[method.label] = {s: summarise([r["ppl"] - dense_by_seed[r["seed"]] for r in rs]) for s, rs in cells.items()}
     return {
         "config": dataclasses.asdict(config),
         "corpus": {"train_bytes": corpus.train.numel(), "val_bytes": corpus.val.numel(), "digest": corpus.digest},
@@ -161,6 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "training": training,
         "runs": runs,
         "table": table,
+        "increase_over_dense": increase,
         "skipped": skipped,
     }
 
@@ -208,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         f"\nperplexity per byte on {result['eval']['windows']} held-out windows of {result['eval']['length']} bytes; "
         f"mean ± std over seeds {result['seeds']}; {len(trained_now)} model(s) trained now; {result['wall_s']} s"
     )
+    if result["increase_over_dense"]:
+        print("\nincrease over each seed's own dense model (paired; mean ± std over seeds):\n")
+        print(markdown(result["increase_over_dense"], result["skipped"], notes=False))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

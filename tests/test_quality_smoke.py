@@ -45,6 +45,7 @@ def test_quality_quick_end_to_end(tmp_path: Path) -> None:
     assert all(1.0 < ppl < 128.0 for ppl in dense.values())
     assert len(list(cache.glob("tinylm-*.pt"))) == len(dense)
 
+    assert set(result["increase_over_dense"]) == set(table) - {"dense"}
     pruned = [r for r in runs if r["method"] != "dense"]
     assert len(pruned) == 2 * len(dense) * (len(table) - 1)
     for r in pruned:
