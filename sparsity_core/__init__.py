@@ -38,6 +38,9 @@ _EXPORTS: dict[str, str] = {
     "sparsify": "._api",
     "SparsityController": "._controller",
     "SparsityReport": "._report",
+    "load_sparse": ".deploy",
+    "save_sparse": ".deploy",
+    "to_semi_structured": ".deploy",
 }
 
 __all__ = sorted([*_EXPORTS, "API_VERSION", "__version__"])
@@ -72,4 +75,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._errors import AmbiguousNameError, PluginLoadError, PluginWarning, UnknownNameError
     from ._report import SparsityReport
     from ._specs import SchedulerSpec, ScoreSpec, SparsifierSpec
+    from .deploy import load_sparse, save_sparse, to_semi_structured
     from .hookspecs import hookimpl

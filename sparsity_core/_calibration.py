@@ -174,8 +174,7 @@ def _observing(controller: SparsityController, names: Iterable[str]) -> list[Any
 
 def dense(controller: SparsityController, batches: Iterable[Any]) -> int:
     """Every batch through the whole model, each covered tensor's module observed."""
-    model = controller.target
-    assert isinstance(model, nn.Module)
+    model = controller.calibration_model
     handles = _observing(controller, controller.tensors)
     seen = 0
     try:
@@ -192,8 +191,7 @@ def dense(controller: SparsityController, batches: Iterable[Any]) -> int:
 def sequential(controller: SparsityController, batches: Sequence[Any], blocks: list[tuple[str, nn.Module]]) -> None:
     """Calibrate and prune block by block (see the module docstring); then the covered tensors
     outside every block, observed in one forward pass of the pruned model."""
-    model = controller.target
-    assert isinstance(model, nn.Module)
+    model = controller.calibration_model
     sparsifier = controller.sparsifier
     inside: dict[int, list[str]] = {i: [] for i in range(len(blocks))}
     rest: list[str] = []
@@ -244,8 +242,7 @@ def gradients(
 ) -> int:
     """``loss_fn(model(inputs), targets)`` for each ``(inputs, targets)`` batch; the gradients of
     the covered parameters go to ``observe_gradient`` (``.grad`` is not touched)."""
-    model = controller.target
-    assert isinstance(model, nn.Module)
+    model = controller.calibration_model
     names = [n for n in controller.tensors if controller.tensors[n].requires_grad]
     if not names:
         raise ValueError(f"sparsifier {controller.sparsifier.name!r} needs gradients, but no covered tensor requires grad")

@@ -21,9 +21,11 @@ from ._engine import apply_mask_, check_masks
 from ._report import SparsityReport
 from ._targets import select_tensors
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 #: Elements of each tensor looked at by squash() before it trusts that the tensor is still masked.
 SPOT_CHECK = 1024
+#: Tensors of at most this many elements are re-masked together, one foreach multiply per dtype.
+SMALL_TENSOR = 4096
 
 _Fused = Callable[[Mapping[str, torch.Tensor], Mapping[str, float], dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 
@@ -55,6 +57,31 @@ def _takes_context(func: Callable[..., Any]) -> bool:
 def _call(method: Callable[..., Any], *args: Any, context: MaskContext) -> Any:
     func = getattr(method, "__func__", method)
     return method(*args, context=context) if _takes_context(func) else method(*args)
+
+
+def _check_tensor(name: str, tensor: torch.Tensor) -> None:
+    """Tensors no mask can be made for, refused with what to do (never a raw ``.item()`` error)."""
+    if isinstance(tensor, nn.parameter.UninitializedParameter):
+        raise ValueError(
+            f"covered tensor {name!r} is a lazy parameter that is not initialised yet: run one forward pass "
+            f"(or call the module once) before sparsifying"
+        )
+    if tensor.is_meta:
+        raise ValueError(
+            f"covered tensor {name!r} is on the meta device (no values): materialise the model first, e.g. "
+            f"model.to_empty(device='cpu') and load its weights"
+        )
+    if type(tensor).__name__ == "DTensor" or hasattr(tensor, "_local_tensor") or getattr(tensor, "_is_flat_param", False):
+        raise ValueError(
+            f"covered tensor {name!r} is sharded ({type(tensor).__name__}): sharded parameters (FSDP, DeepSpeed) "
+            f"are not supported by this version; sparsify the full model before sharding it, or after "
+            f"gathering it"
+        )
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        raise ValueError(
+            f"covered tensor {name!r} has dtype {tensor.dtype}: masks are made for floating-point weights; "
+            f"exclude it (exclude=['{name}'])"
+        )
 
 
 def _still_masked(tensor: torch.Tensor, mask: torch.Tensor) -> bool:
@@ -94,6 +121,9 @@ class SparsityController:
         caps = self.sparsifier.capabilities
         #: The blocks of a sequential calibration (``sequential=``), in order.
         self._blocks: list[tuple[str, nn.Module]] | None = None
+        #: What calibration batches run through: the target by default; a larger model holding it
+        #: (the whole LightningModule around a submodule) when set.
+        self.calibration_model: nn.Module | None = target if isinstance(target, nn.Module) else None
         self._pending: list[Any] | None = None  # batches kept for the next sequential update
         if sequential is not None:
             if not isinstance(target, nn.Module):
@@ -106,6 +136,8 @@ class SparsityController:
             self._blocks = _calibration.find_blocks(target, sequential)
             self._check_sequential_scope()
         selection = select_tensors(target, self.sparsifier)
+        for name, tensor in selection.tensors.items():
+            _check_tensor(name, tensor)
         names = list(selection.tensors)
         self.tensors: dict[str, torch.Tensor] = selection.tensors
         #: Each covered tensor's layer kind and orientation (empty for a mapping target).
@@ -119,6 +151,8 @@ class SparsityController:
         self.masks: dict[str, torch.Tensor] = {}
         self.t: float | None = None
         self._hooks: list[Any] = []
+        self._optimizers: list[torch.optim.Optimizer] = []  # attached: their state follows the masks
+        self._plan: tuple[dict[str, torch.Tensor], list[tuple[Any, Any]]] | None = None
         # name -> (mask, tensor version, data pointer) when this controller last masked the tensor
         self._masked: dict[str, tuple[torch.Tensor, int, int]] = {}
         # name -> (mask, whether it prunes anything)
@@ -167,6 +201,8 @@ class SparsityController:
                 )
             _calibration.sequential(self, batches, self._blocks)
             return
+        if self.owners:
+            self._follow_live_parameters()
         chosen = list(self.tensors) if names is None else list(names)
         tensors = {n: self.tensors[n] for n in chosen}
         levels_now = {n: self.levels[n] for n in chosen}
@@ -205,6 +241,8 @@ class SparsityController:
         if weights:
             self._write_weights(weights)
         self.masks = {**self.masks, **masks}  # replaced, never changed in place (state_dict shares it)
+        with torch.no_grad():
+            self._mask_optimizer_state(masks)
         if fused is None:
             self.apply_masks(masks)
         else:
@@ -251,10 +289,42 @@ class SparsityController:
         one multiply by the bool mask, through NumPy on CPU where it is several times faster
         than torch's bool-to-float promotion). Always a full pass: an optimizer may write the
         weights without telling autograd (fused optimizers do not bump the version counter)."""
-        for name, mask in (self.masks if masks is None else masks).items():
+        if self.owners:
+            self._follow_live_parameters()
+        if masks is None:  # every mask, after an optimizer step: the hot path
+            for tensors, group in self._apply_plan():
+                if isinstance(tensors, list):
+                    torch._foreach_mul_(tensors, group)
+                else:
+                    apply_mask_(tensors, group)
+            return
+        for name, mask in masks.items():
             if self._prunes(name, mask):
                 apply_mask_(self.tensors[name], mask)
             self._note_masked(name, mask)
+
+    def _apply_plan(self) -> list[tuple[Any, Any]]:
+        """How :meth:`apply_masks` applies the current masks, worked out once per set of masks:
+        tensors with a mask that prunes something; the small ones grouped by dtype and device
+        into one foreach multiply each (with many small tensors, per-tensor calls are the cost)."""
+        plan = self._plan
+        if plan is not None and plan[0] is self.masks:
+            return plan[1]
+        steps: list[tuple[Any, Any]] = []
+        groups: dict[tuple[torch.dtype, torch.device], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for name, mask in self.masks.items():
+            if not self._prunes(name, mask):
+                continue
+            tensor = self.tensors[name]
+            if tensor.numel() <= SMALL_TENSOR:
+                ts, ms = groups.setdefault((tensor.dtype, tensor.device), ([], []))
+                ts.append(tensor.detach())
+                ms.append(mask)
+            else:
+                steps.append((tensor, mask))
+        steps.extend(groups.values())
+        self._plan = (self.masks, steps)
+        return steps
 
     def _prunes(self, name: str, mask: torch.Tensor) -> bool:
         """Whether ``mask`` prunes anything (worked out once per mask object): an all-True mask
@@ -297,6 +367,9 @@ class SparsityController:
             self._hooks.append(optimizer.register_step_pre_hook(lambda opt, *_: self.observe_gradients(opt)))
         handle = optimizer.register_step_post_hook(lambda *_: self.apply_masks())
         self._hooks.append(handle)
+        if not any(o is optimizer for o in self._optimizers):
+            self._optimizers.append(optimizer)
+        self._mask_optimizer_state(self.masks)
         return handle
 
     def observe_gradients(
@@ -325,21 +398,64 @@ class SparsityController:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        self._optimizers = []
 
     def squash(self) -> None:
-        """Make the masks permanent (pruned weights stay zero) and drop them.
+        """Make the masks permanent (pruned weights stay zero) and drop them; the optimizers'
+        state (momentum, Adam moments) of pruned entries is zeroed too, so a step with a zero
+        gradient does not revive them. Every covered tensor is masked once more: anything may
+        have written it since (a write through ``.data`` tells nobody)."""
+        self._squash(trust_masked=False)
 
-        A tensor this controller has masked and nothing has written since (see
-        :meth:`_is_masked`) is not passed over again: ``step()`` then ``squash()``, the one-shot
-        path, reads the weights once. Anything else is masked once more."""
+    def _squash(self, trust_masked: bool) -> None:
+        """:meth:`squash`; with ``trust_masked`` (the one-shot path, where nothing runs between
+        the mask update and this call) a tensor this controller masked and that torch reports
+        unwritten since (same storage, same version; see :meth:`_is_masked`) is not passed over
+        again, so a one-shot prune reads the weights once."""
+        self._follow_live_parameters()
         with torch.no_grad():
             for name, mask in self.masks.items():
-                if not self._is_masked(name, mask):
+                if not (trust_masked and self._is_masked(name, mask)):
                     apply_mask_(self.tensors[name], mask)
+            self._mask_optimizer_state(self.masks)
         self.masks = {}
         self._masked = {}
         self._pruning = {}
         self.detach()
+        self._optimizers = []
+
+    def _mask_optimizer_state(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Zero the optimizer state of pruned entries (momentum buffers, Adam's moments: every
+        state tensor shaped like its parameter) for the optimizers this controller is attached to."""
+        if not self._optimizers or not masks:
+            return
+        by_param = {id(self.tensors[n]): m for n, m in masks.items()}
+        for optimizer in self._optimizers:
+            for param, state in optimizer.state.items():
+                mask = by_param.get(id(param))
+                if mask is None:
+                    continue
+                for value in state.values():
+                    if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+                        value.mul_(mask.to(value.device))
+
+    def _follow_live_parameters(self) -> None:
+        """Masks follow the live parameter when a module's parameter was replaced by a new object
+        (``load_state_dict(assign=True)``, attribute assignment); a replacement of another shape
+        is an error naming it."""
+        for name, (module, attr) in self.owners.items():
+            live = getattr(module, attr, None)
+            old = self.tensors[name]
+            if live is old or not isinstance(live, torch.Tensor):
+                continue
+            if live.shape != old.shape:
+                raise ValueError(
+                    f"covered parameter {name!r} was replaced by a tensor of shape {tuple(live.shape)} "
+                    f"(was {tuple(old.shape)}): its mask no longer fits; build a new controller for the new model"
+                )
+            self.tensors[name] = live
+            self._masked.pop(name, None)
+            self._plan = None
 
     # -- calibration -------------------------------------------------------------------------
     def calibrate(self, batches: Iterable[Any], loss_fn: Callable[[Any, Any], torch.Tensor] | None = None) -> int:
@@ -368,8 +484,9 @@ class SparsityController:
         if loss_fn is not None and not caps.gradients:
             raise ValueError(f"loss_fn was given, but sparsifier {self.sparsifier.name!r} does not use gradients")
         self.sparsifier.reset_calibration()
-        was_training = self.target.training
-        self.target.eval()
+        model = self.calibration_model if self.calibration_model is not None else self.target
+        was_training = model.training
+        model.eval()
         try:
             if caps.gradients:
                 assert loss_fn is not None
@@ -383,7 +500,7 @@ class SparsityController:
                 return len(self._pending)
             return _calibration.dense(self, batches)
         finally:
-            self.target.train(was_training)
+            model.train(was_training)
 
     # -- lottery-ticket rewinding ------------------------------------------------------------
     def snapshot(self) -> dict[str, torch.Tensor]:
@@ -405,10 +522,21 @@ class SparsityController:
 
     # -- reporting and state -----------------------------------------------------------------
     def report(self) -> SparsityReport:
+        """Per-tensor and overall sparsity, counted from the live tensors."""
+        if self.owners:
+            self._follow_live_parameters()
         return SparsityReport.measure(self.tensors)
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What the masks were made with, besides the level: the sparsifier, its selection fields
+        (pattern, scope, overrides, include/exclude, its own fields) and the covered names. Saved in
+        the state so that a resume under another configuration is refused, not silently kept."""
+        spec = self.sparsifier.spec.model_dump(mode="json", exclude={"sparsity_level"})
+        return {"sparsifier": self.sparsifier.name, "spec": spec, "covered": sorted(self.tensors)}
+
     def state_dict(self) -> dict[str, Any]:
-        """Masks (bool) and schedule position; loads with ``torch.load(weights_only=True)``."""
+        """Masks (bool), schedule position, each mask's pruned count and the configuration's
+        fingerprint; loads with ``torch.load(weights_only=True)``."""
         return {
             "version": STATE_VERSION,
             "sparsifier": self.sparsifier.name,
@@ -417,18 +545,96 @@ class SparsityController:
             # the bool masks themselves, not copies: a checkpoint is written at once, and masks
             # are replaced, never changed in place
             "masks": dict(self.masks),
+            "pruned": {n: int(m.numel() - int(m.sum())) for n, m in self.masks.items()},
+            "fingerprint": self.fingerprint(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported sparsity state version {state.get('version')!r}")
-        unknown = set(state["masks"]) - set(self.tensors)
-        if unknown:
-            raise KeyError(f"saved masks for names this controller does not cover: {sorted(unknown)}")
-        for name, mask in state["masks"].items():
-            if mask.shape != self.tensors[name].shape:
-                raise ValueError(f"saved mask for {name!r} has shape {tuple(mask.shape)}, tensor has {tuple(self.tensors[name].shape)}")
-        self.t = state["t"]
-        self.levels = {n: float(state["levels"].get(n, 0.0)) for n in self.tensors}
-        self.masks = {n: m.to(device=self.tensors[n].device, dtype=torch.bool) for n, m in state["masks"].items()}
+        """Restore masks and schedule position. The whole state is checked before anything is
+        applied; a problem raises ValueError naming the state, the tensor and what is wrong."""
+        checked = self._checked_state(state)
+        self.t = checked["t"]
+        self.levels = checked["levels"]
+        self.masks = checked["masks"]
+        self._masked, self._pruning = {}, {}
         self.apply_masks()
+        with torch.no_grad():
+            self._mask_optimizer_state(self.masks)
+
+    def _checked_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        where = "sparsity state"
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{where}: expected a mapping, got {type(state).__name__}")
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"{where}: unsupported version {version!r} (this version reads 1 and {STATE_VERSION})")
+        missing = [k for k in ("t", "levels", "masks") if k not in state]
+        if missing:
+            raise ValueError(f"{where}: missing {missing}; the state is incomplete (a checkpoint written by another program?)")
+        t = state["t"]
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))):
+            raise ValueError(f"{where}: 't' must be a number or None, got {t!r}")
+        saved = state.get("fingerprint")
+        if saved is not None:
+            self._check_fingerprint(where, saved)
+        levels_in, masks_in = state["levels"], state["masks"]
+        if not isinstance(levels_in, Mapping) or not isinstance(masks_in, Mapping):
+            raise ValueError(f"{where}: 'levels' and 'masks' must be mappings of names")
+        unknown = sorted((set(masks_in) | set(levels_in)) - set(self.tensors))
+        if unknown:
+            raise ValueError(f"{where}: masks or levels for names this controller does not cover: {unknown}")
+        levels: dict[str, float] = {}
+        for name in self.tensors:
+            level = levels_in.get(name, 0.0)
+            if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 <= float(level) <= 1.0:
+                raise ValueError(f"{where}: level of {name!r} must be a number in [0, 1], got {level!r}")
+            levels[name] = float(level)
+        pruned = state.get("pruned", {})
+        masks: dict[str, torch.Tensor] = {}
+        for name, tensor in self.tensors.items():
+            mask = masks_in.get(name)
+            if mask is None:
+                if name in masks_in:
+                    raise ValueError(f"{where}: mask of {name!r} is None, not a bool tensor")
+                if levels[name] > 0.0 and masks_in:
+                    raise ValueError(
+                        f"{where}: no mask for covered tensor {name!r}, whose saved level is {levels[name]:g}; "
+                        f"the state is incomplete"
+                    )
+                continue
+            if not isinstance(mask, torch.Tensor):
+                raise ValueError(f"{where}: mask of {name!r} is a {type(mask).__name__}, not a bool tensor")
+            if mask.shape != tensor.shape:
+                raise ValueError(f"{where}: mask of {name!r} has shape {tuple(mask.shape)}, the tensor {tuple(tensor.shape)}")
+            if mask.dtype != torch.bool:
+                raise ValueError(f"{where}: mask of {name!r} has dtype {mask.dtype}, not torch.bool")
+            zeros = int(mask.numel() - int(mask.sum()))
+            if name in pruned and int(pruned[name]) != zeros:
+                raise ValueError(
+                    f"{where}: mask of {name!r} prunes {zeros} elements, but {int(pruned[name])} were pruned when it "
+                    f"was saved (level {levels[name]:g}): the mask is damaged"
+                )
+            masks[name] = mask.to(device=tensor.device)
+        return {"t": None if t is None else float(t), "levels": levels, "masks": masks}
+
+    def _check_fingerprint(self, where: str, saved: Any) -> None:
+        now = self.fingerprint()
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"{where}: 'fingerprint' must be a mapping, got {type(saved).__name__}")
+        changed = []
+        if saved.get("sparsifier") != now["sparsifier"]:
+            changed.append(f"sparsifier {saved.get('sparsifier')!r} -> {now['sparsifier']!r}")
+        old_spec, new_spec = saved.get("spec") or {}, now["spec"]
+        for key in sorted(set(old_spec) | set(new_spec)):
+            if old_spec.get(key) != new_spec.get(key):
+                changed.append(f"{key}: {old_spec.get(key)!r} -> {new_spec.get(key)!r}")
+        if saved.get("covered") is not None and list(saved["covered"]) != now["covered"]:
+            gone = sorted(set(saved["covered"]) - set(now["covered"]))
+            new = sorted(set(now["covered"]) - set(saved["covered"]))
+            changed.append(f"covered tensors (no longer: {gone[:5]}, new: {new[:5]})")
+        if changed:
+            raise ValueError(
+                f"{where} was saved under another configuration; changed: " + "; ".join(changed) + ". Its masks do "
+                f"not follow the new one: restore the saved configuration to resume, or start a new fit from the "
+                f"weights (a level or schedule change alone is fine)"
+            )

@@ -51,6 +51,9 @@ EXACT: Final = 1 << 18
 SAMPLE: Final = 1 << 18
 #: Half-width of the bracket, in standard errors of the sampled quantile.
 Z: Final = 5.0
+#: Tensors of at most this many elements are selected together (one sort for all of them) in
+#: layer scope: with many small tensors the per-tensor overhead, not the data, is the cost.
+SMALL: Final = 4096
 
 Tensor = torch.Tensor
 
@@ -714,6 +717,7 @@ def score_masks(
         keep = current.get(name)
         return 0 if keep is None else keep.numel() - _count(keep.contiguous())
 
+    small: list[tuple[str, float]] = []  # unstructured, layer scope, few elements: selected together
     with torch.no_grad():
         for name, tensor in tensors.items():
             spec = sparsifier.spec_for(name)
@@ -723,10 +727,22 @@ def score_masks(
                 done(name, nm_mask(scorer(name), pattern.a, pattern.b, level, apply), fused=True)
             elif spec.scope == "global":  # type: ignore[attr-defined]
                 groups.setdefault(id(spec), []).append(name)
+            elif pattern.kind == "unstructured" and tensor.numel() <= SMALL:
+                small.append((name, max(level * tensor.numel(), pruned_now(name))))
             else:
                 units = _units(scorer(name), pattern)
                 select([units], max(level * tensor.numel(), pruned_now(name)))
                 done(name, units.element_mask())
+        if small:
+            small_names = [n for n, _ in small]
+            small_masks = _select_small(
+                sparsifier, [tensors[n] for n in small_names], small_names, [current.get(n) for n in small_names], [t for _, t in small]
+            )
+            for (name, _), mask in zip(small, small_masks):
+                masks[name] = mask
+            if applied is not None:
+                _mask_many([tensors[n] for n, _ in small], small_masks)
+                applied.update((n, m) for (n, _), m in zip(small, small_masks))
         for names in groups.values():
             group = [_units(scorer(n), sparsifier.spec_for(n).parsed_pattern) for n in names]  # type: ignore[attr-defined]
             target = sum(levels[n] * tensors[n].numel() for n in names)
@@ -734,6 +750,57 @@ def score_masks(
             for n, units in zip(names, group):
                 done(n, units.element_mask())
     return {n: masks[n] for n in tensors}
+
+
+def _select_small(
+    sparsifier: ScoreSparsifier, tensors: Sequence[Tensor], names: Sequence[str], keeps: Sequence[Tensor | None], targets: Sequence[float]
+) -> list[Tensor]:
+    """Layer-scope unstructured selection for many small tensors at once: their scores are
+    checked and sorted together (segment, then score, then position), so that the per-tensor
+    cost is one ``score`` call, not a selection. The same masks as one :func:`select` per tensor:
+    ``round(target)`` lowest pruned in each, earlier positions first among ties."""
+    scores = []
+    for name, tensor in zip(names, tensors):
+        s = sparsifier.score(name, tensor.detach())
+        if not isinstance(s, torch.Tensor) or s.shape != tensor.shape:
+            got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(
+                f"sparsifier {sparsifier.name!r}: score({name!r}, tensor) must return a tensor shaped like "
+                f"its input {tuple(tensor.shape)}, got {got}"
+            )
+        scores.append(s.reshape(-1) if s.dim() != 1 else s)
+    device = scores[0].device
+    flat = torch.cat([s.to(device) for s in scores]).to(torch.float32)
+    sizes = torch.tensor([s.numel() for s in scores], dtype=torch.int64)
+    seg = torch.repeat_interleave(torch.arange(len(scores)), sizes).to(device)
+    if not _all_finite(flat):
+        bad = next(n for n, sc in zip(names, scores) if not bool(torch.isfinite(sc.float()).all()))
+        raise ValueError(
+            f"tensor {bad!r} has NaN or inf values (or importance scores): cannot choose a mask for it; "
+            f"check the weights (sparsifier {sparsifier.name!r})"
+        )
+    if any(k is not None for k in keeps):
+        forced = torch.cat([(torch.ones(n, dtype=torch.bool) if k is None else k.reshape(-1)).to(device) for k, n in zip(keeps, sizes.tolist())])
+        flat.masked_fill_(~forced, -math.inf)
+    order = torch.argsort(flat, stable=True)
+    order = order[torch.argsort(seg[order], stable=True)]
+    starts = torch.cumsum(sizes, 0) - sizes
+    k = torch.tensor([min(max(round(t), 0), int(n)) for t, n in zip(targets, sizes.tolist())], dtype=torch.int64)
+    rank = torch.arange(flat.numel(), device=device) - starts.to(device)[seg]
+    keep = torch.empty(flat.numel(), dtype=torch.bool, device=device)
+    keep[order] = rank >= k.to(device)[seg]
+    return [m.view(t.shape) for m, t in zip(keep.split(sizes.tolist()), tensors)]
+
+
+def _mask_many(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
+    """Zero the pruned elements of many (small) tensors with one foreach multiply per dtype."""
+    by_dtype: dict[tuple[torch.dtype, torch.device], tuple[list[Tensor], list[Tensor]]] = {}
+    for t, m in zip(tensors, masks):
+        ts, ms = by_dtype.setdefault((t.dtype, t.device), ([], []))
+        ts.append(t.detach())
+        ms.append(m)
+    for ts, ms in by_dtype.values():
+        torch._foreach_mul_(ts, ms)
 
 
 def _units(scorer: Scorer, pattern: object) -> _Units:

@@ -1,4 +1,5 @@
-"""The ``sparsity`` command: ``plugins``, ``list``, ``show NAME`` (each with ``--json``), ``new-plugin``.
+"""The ``sparsity`` command: ``plugins``, ``list``, ``show NAME`` (each with ``--json``), ``new-plugin``,
+``inspect PATH``.
 
 It never imports torch to list or show: the registry, specs and base classes are torch-free.
 """
@@ -187,6 +188,33 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .deploy._inspect import AXIS_NOTE, inspect_checkpoint, plot, to_json
+
+    fmt, stats = inspect_checkpoint(args.path)
+    info = to_json(args.path, fmt, stats)
+    if args.plot:
+        bars = plot(stats, args.plot, f"{Path(args.path).name}: zeros per tensor ({fmt})")
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        from rich.markup import escape  # tensor names and paths are text, not markup
+
+        table = _table(escape(f"{args.path}: {fmt}"), ["tensor", "shape", "dtype", "params", "zeros", "sparsity", "storage", "N:M"])
+        for s in stats:
+            nm = "-" if s.patterns is None else (", ".join(s.patterns) or "none")
+            table.add_row(escape(s.name), "x".join(map(str, s.shape)) or "scalar", s.dtype, f"{s.numel:,}", f"{s.zeros:,}",
+                          f"{s.sparsity:.2%}", s.storage, nm)
+        table.add_row("overall", "", "", f"{sum(s.numel for s in stats):,}", f"{sum(s.zeros for s in stats):,}",
+                      f"{info['overall']:.2%}", "", "")
+        console = _console()
+        console.print(table)
+        console.print(f"tensors of rank >= 2: {info['weights_overall']:.2%} zeros. {AXIS_NOTE}.", markup=False)
+    if args.plot:
+        print(f"wrote a bar chart of {bars} tensors to {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsity", description="Sparsifiers and sparsity schedulers, as plugins, for PyTorch and Lightning."
@@ -213,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=".", help="folder to create the plugin in (default: current folder)")
     p.add_argument("--force", action="store_true", help="overwrite an existing folder")
     p.set_defaults(func=cmd_new_plugin)
+
+    p = sub.add_parser("inspect", help="per-tensor sparsity of a checkpoint (Lightning, torch, safetensors, compressed)")
+    p.add_argument("path", help="a .ckpt, a torch state dict (.pt), a .safetensors file or a save_sparse file")
+    p.add_argument("--json", action="store_true", help="print JSON (with N:M patterns) instead of a table")
+    p.add_argument("--plot", metavar="FILE", help="also write a PNG bar chart of per-tensor sparsity to FILE")
+    p.set_defaults(func=cmd_inspect)
     return parser
 
 

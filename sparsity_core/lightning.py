@@ -11,6 +11,7 @@ This is the only module of ``sparsity_core`` that imports Lightning.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Union
@@ -102,6 +103,26 @@ def _model_inputs(
         yield to_device(x, device)
 
 
+@contextlib.contextmanager
+def _in_place_of(pl_module: pl.LightningModule, submodule: str | None, network: nn.Module) -> Iterator[None]:
+    """Inside the block, ``network`` stands where ``pl_module.<submodule>`` is (a sparsified copy
+    of it, say), so that the LightningModule's own forward runs through it."""
+    if not submodule:
+        yield
+        return
+    parent_path, _, attr = submodule.rpartition(".")
+    parent = pl_module.get_submodule(parent_path) if parent_path else pl_module
+    original = getattr(parent, attr)
+    if original is network:
+        yield
+        return
+    setattr(parent, attr, network)
+    try:
+        yield
+    finally:
+        setattr(parent, attr, original)
+
+
 def _sync_masks(trainer: pl.Trainer, controller: SparsityController) -> None:
     """Make every rank hold rank 0's masks (and, if any rank disagreed, rank 0's covered tensors;
     always rank 0's covered tensors for a sparsifier that reconstructs weights).
@@ -169,6 +190,7 @@ class _SparsityCallback(Callback):
         self.verbose = verbose
         #: The controller doing the work (bound at train start).
         self.controller: SparsityController | None = None
+        self._pl_module: pl.LightningModule | None = None
         #: The sparse result: a copy of the network, or the network itself when sparsified in place.
         self.sparsified: nn.Module | None = None
         #: Per-parameter and overall sparsity of :attr:`sparsified`, measured at the end.
@@ -217,7 +239,12 @@ class _SparsityCallback(Callback):
         # changed since construction (a plugin installed, a test registry) is honoured.
         sparsifier = self._sparsifier_cls if isinstance(self.sparsifier, type) else self.sparsifier
         sched = () if scheduler is None else scheduler
-        return SparsityController(target, sparsifier, self._sparsifier_spec, *sched, sequential=self.sequential)
+        controller = SparsityController(target, sparsifier, self._sparsifier_spec, *sched, sequential=self.sequential)
+        if self.submodule and self._pl_module is not None and type(self._pl_module).forward is not pl.LightningModule.forward:
+            # calibration runs the LightningModule's own forward: the submodule may not be fed
+            # the batches directly (an encoder behind a tokenizer step, say)
+            controller.calibration_model = self._pl_module
+        return controller
 
     def _check_network(self, network: nn.Module) -> None:
         """At fit start, once the model is known: the sequential blocks exist."""
@@ -362,11 +389,13 @@ class PostTrainingSparsity(_SparsityCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         network = _network(pl_module, self.submodule, type(self).__name__)
         self._bind_names(pl_module, network)
+        self._pl_module = pl_module
         target = network if self.inplace else copy.deepcopy(network).eval()
         controller = self.controller = self._controller(target)
         self._gradients_from_loss(trainer, pl_module, controller, network)
-        self._calibrate(trainer, controller, target)
-        controller.step()
+        with _in_place_of(pl_module, self.submodule, target):
+            self._calibrate(trainer, controller, target)
+            controller.step()
         _sync_masks(trainer, controller)
         controller.squash()
         self.sparsified = target
@@ -486,6 +515,7 @@ class TrainingAwareSparsity(_SparsityCallback):
         # evaluated at on_train_start.
         network = _network(pl_module, self.submodule, type(self).__name__)
         self._bind_names(pl_module, network)
+        self._pl_module = pl_module
         self._check_network(network)
         if self.inplace:
             if self.controller is None or not self._same_parameters(network):
@@ -591,8 +621,9 @@ class TrainingAwareSparsity(_SparsityCallback):
         levels = controller.levels_at(t)
         controller.t = float(t)
         if any(levels.values()):
-            self._calibrate(trainer, controller, controller.target)  # type: ignore[arg-type]
-            controller.update_masks(levels)
+            with _in_place_of(pl_module, self.submodule, controller.target):  # type: ignore[arg-type]
+                self._calibrate(trainer, controller, controller.target)  # type: ignore[arg-type]
+                controller.update_masks(levels)
             _sync_masks(trainer, controller)
         else:
             controller.levels, controller.masks = levels, {}

@@ -105,7 +105,7 @@ def test_load_state_rejects_foreign_names_and_shapes():
     c = SparsityController(mlp(), "magnitude")
     c.step()
     state = c.state_dict()
-    with pytest.raises(KeyError, match="does not cover"):
+    with pytest.raises(ValueError, match="does not cover"):
         c.load_state_dict({**state, "masks": {"nope": torch.ones(2, dtype=torch.bool)}})
     with pytest.raises(ValueError, match="has shape"):
         c.load_state_dict({**state, "masks": {"0.weight": torch.ones(2, dtype=torch.bool)}})

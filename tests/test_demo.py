@@ -24,3 +24,5 @@ def test_demo_prunes_to_the_target_and_writes_its_plot(tmp_path):
     assert "dense, after 2 epochs" in out and "TrainingAwareSparsity" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(png) in out
+    assert "KiB compressed" in out and "test accuracy" in out and "unchanged" in out
+    assert (tmp_path / "digits_sparse.safetensors").stat().st_size < 0.2 * (tmp_path / "digits_dense.safetensors").stat().st_size
