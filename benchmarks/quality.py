@@ -47,7 +47,7 @@ NM = {"2:4": {"pattern": "2:4"}}
 
 def settings(levels: list[float]) -> dict[str, dict[str, Any]]:
     """Column label -> sparsifier arguments: each unstructured level ("50%"), then 2:4."""
-    return {f"{level:.0%}": {"sparsity_level": level} for level in levels} | NM
+    return {f"{level * 100:g}%": {"sparsity_level": level} for level in levels} | NM
 
 
 @dataclasses.dataclass(frozen=True)
