@@ -16,8 +16,9 @@ A batch is model inputs: a tensor (``model(x)``), a tuple (``model(*args)``) or 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +77,25 @@ def find_blocks(model: nn.Module, sequential: Sequential) -> list[tuple[str, nn.
             f"{children} (e.g. sequential='transformer.h.*' for GPT-2, 'model.layers.*' for Llama)"
         )
     return blocks
+
+
+@contextlib.contextmanager
+def _calibrating(model: nn.Module) -> Iterator[None]:
+    """Eval mode (like a dense calibration) and, for a Hugging Face model, no key/value cache:
+    blocks are run more than once on the same inputs, and a cache would grow with every run (the
+    reference SparseGPT and Wanda code turn it off too)."""
+    was_training = model.training
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    model.eval()
+    if use_cache:
+        config.use_cache = False  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if use_cache:
+            config.use_cache = use_cache  # type: ignore[union-attr]
 
 
 class _Stop(Exception):
@@ -202,7 +222,7 @@ def sequential(controller: SparsityController, batches: Sequence[Any], blocks: l
                 break
         else:
             rest.append(name)
-    with torch.no_grad():
+    with torch.no_grad(), _calibrating(model):
         chained = _chained(model, blocks, batches[0]) if len(blocks) > 1 else []
         calls = _capture(model, blocks[0][1], batches)
         for i, (_, block) in enumerate(blocks):

@@ -266,12 +266,14 @@ class SparsityController:
         specs = [self.sparsifier.spec, *(spec for _, spec in self.sparsifier._resolved_overrides)]
         if any(getattr(spec, "scope", "layer") == "global" for spec in specs):
             raise ValueError(
-                f"sequential= calibrates and selects one block at a time; scope='global' needs every tensor's "
-                f"scores at once. Use scope='layer' with sequential, or drop sequential for a global selection"
+                "sequential= calibrates and selects one block at a time; scope='global' needs every tensor's "
+                "scores at once. Use scope='layer' with sequential, or drop sequential for a global selection"
             )
 
     @torch.no_grad()
     def _write_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Write a reconstruction's weights: all of them checked first, so a refused one leaves
+        every tensor as it was."""
         unknown = set(weights) - set(self.tensors)
         if unknown:
             raise ValueError(f"sparsifier {self.sparsifier.name!r} returned weights for names it does not cover: {sorted(unknown)}")
@@ -285,7 +287,8 @@ class SparsityController:
                 )
             if not torch.isfinite(value).all():
                 raise ValueError(f"sparsifier {self.sparsifier.name!r} returned non-finite weights for {name!r}")
-            tensor.detach().copy_(value)
+        for name, value in weights.items():
+            self.tensors[name].detach().copy_(value)
 
     # -- masks -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -483,6 +486,8 @@ class SparsityController:
         (``capabilities.gradients``): ``loss_fn`` is required and each batch is
         ``(inputs, targets)``; ``loss_fn(model(inputs), targets)`` is differentiated per batch."""
         caps = self.sparsifier.capabilities
+        if loss_fn is not None and not caps.gradients:
+            raise ValueError(f"loss_fn was given, but sparsifier {self.sparsifier.name!r} does not use gradients")
         if not (caps.calibration or caps.gradients):
             return 0
         if not isinstance(self.target, nn.Module):
@@ -495,8 +500,6 @@ class SparsityController:
                 f"sparsifier {self.sparsifier.name!r} needs gradients: pass loss_fn=... with (inputs, targets) "
                 f"calibration batches (in training, attach(optimizer) hands it the gradients instead)"
             )
-        if loss_fn is not None and not caps.gradients:
-            raise ValueError(f"loss_fn was given, but sparsifier {self.sparsifier.name!r} does not use gradients")
         self.sparsifier.reset_calibration()
         model = self.calibration_model if self.calibration_model is not None else self.target
         was_training = model.training
@@ -654,6 +657,6 @@ class SparsityController:
         if changed:
             raise ValueError(
                 f"{where} was saved under another configuration; changed: " + "; ".join(changed) + ". Its masks do "
-                f"not follow the new one: restore the saved configuration to resume, or start a new fit from the "
-                f"weights (a level or schedule change alone is fine)"
+                "not follow the new one: restore the saved configuration to resume, or start a new fit from the "
+                "weights (a level or schedule change alone is fine)"
             )

@@ -713,9 +713,17 @@ def score_masks(
         keep = current.get(name)
         return Scorer(sparsifier, name, tensors[name], layouts.get(name), keep.to(tensors[name].device) if keep is not None else None)
 
-    def pruned_now(name: str) -> int:
+    def pruned_now(name: str, units: _Units | None = None) -> float:
+        """Elements the current mask prunes; for blocks and channels, the elements of every unit
+        holding a pruned element (the whole unit is pruned again, so it counts whole)."""
         keep = current.get(name)
-        return 0 if keep is None else keep.numel() - _count(keep.contiguous())
+        if keep is None:
+            return 0
+        if not isinstance(units, _Blocks):
+            return keep.numel() - _count(keep.contiguous())
+        hit = units.scorer.layout.matrix(~keep.to(units.mask.device)).float()
+        hit = F.max_pool2d(hit[None, None], (units.h, units.w), stride=(units.h, units.w), ceil_mode=True)[0, 0].reshape(-1) > 0
+        return float(int(hit.sum()) * units.size) if units.size else float(units.sizes(0, units.n)[hit].sum())
 
     small: list[tuple[str, float]] = []  # unstructured, layer scope, few elements: selected together
     with torch.no_grad():
@@ -731,7 +739,7 @@ def score_masks(
                 small.append((name, max(level * tensor.numel(), pruned_now(name))))
             else:
                 units = _units(scorer(name), pattern)
-                select([units], max(level * tensor.numel(), pruned_now(name)))
+                select([units], max(level * tensor.numel(), pruned_now(name, units)))
                 done(name, units.element_mask())
         if small:
             small_names = [n for n, _ in small]
@@ -746,7 +754,7 @@ def score_masks(
         for names in groups.values():
             group = [_units(scorer(n), sparsifier.spec_for(n).parsed_pattern) for n in names]  # type: ignore[attr-defined]
             target = sum(levels[n] * tensors[n].numel() for n in names)
-            select(group, max(target, sum(pruned_now(n) for n in names)))
+            select(group, max(target, sum(pruned_now(n, u) for n, u in zip(names, group))))
             for n, units in zip(names, group):
                 done(n, units.element_mask())
     return {n: masks[n] for n in tensors}

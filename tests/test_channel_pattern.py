@@ -236,14 +236,6 @@ def test_nested_policy_keeps_pruned_channels_and_meets_the_level() -> None:
     assert set((~masks["weight"]).all(1).nonzero().view(-1).tolist()) == {top, *ascending[:3]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "engine bug: score_masks (sparsity_core/_engine.py) raises the layer and global targets to the pruned "
-        "*elements* (pruned_now), and select() rounds that to round(target / unit size) units: units holding a "
-        "currently pruned element (score -inf) beyond that count are kept, reviving those elements"
-    ),
-)
 @pytest.mark.parametrize("scope", ["layer", "global"])
 @pytest.mark.parametrize("pattern", ["channel", "1x4"])
 def test_nested_policy_never_revives_a_partly_pruned_unit(pattern: str, scope: str) -> None:

@@ -4,7 +4,6 @@ layer-wise error against wanda and magnitude, and the conformance kit."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import pytest
@@ -24,46 +23,8 @@ def test_found_through_its_installed_entry_point() -> None:
     assert registry.get("sparsifier", "sparsegpt").cls is SparseGPT
 
 
-#: Checks of the v1 kit that fail only because it predates reconstruction: they take
-#: compute_masks' result for a dict of masks (a Reconstruction is masks *and* weights), expect the
-#: kept weights unchanged by a step, or restore a state (masks only) onto fresh dense weights. The
-#: kit is being taught capabilities; until then they run as non-strict xfails.
-V1_KIT_ONLY = {
-    "masks_boolean_and_shaped",
-    "level_reached",
-    "levels_zero_and_one",
-    "inputs_not_modified",
-    "deterministic",
-    "state_roundtrip",
-    "bfloat16",
-    "tensor_ranks_1d_4d",
-    "calibration_reset",
-}
-
-
 @parametrize_with_checks(["sparsegpt"], plugin="sparsegpt")
-def test_conformance(check, request: pytest.FixtureRequest) -> None:
-    if check.check in V1_KIT_ONLY:
-        request.node.add_marker(pytest.mark.xfail(reason="the v1 kit does not know Reconstruction yet", strict=False))
-    check()
-
-
-class MasksOnly(SparseGPT):
-    """SparseGPT's masks without its weights: what the v1 kit can check today."""
-
-    name = "sparsegpt_masks_only"
-    capabilities = dataclasses.replace(SparseGPT.capabilities, reconstruction=False)
-
-    def compute_masks(self, tensors, levels, context=None):  # type: ignore[no-untyped-def]
-        return super().compute_masks(tensors, levels, context).masks
-
-
-@parametrize_with_checks([MasksOnly])
-def test_masks_alone_pass_the_v1_kit(check, request: pytest.FixtureRequest) -> None:
-    """The masks (levels, 0 and 1, determinism, bf16, calibration reset, state) pass every check
-    but the 1-D probe: a LayerNorm weight, which sparsegpt refuses by name (layer_kinds)."""
-    if check.check == "tensor_ranks_1d_4d":
-        request.node.add_marker(pytest.mark.xfail(reason="the v1 kit's LayerNorm probe; sparsegpt covers linear/conv kinds only", strict=False))
+def test_conformance(check) -> None:
     check()
 
 
