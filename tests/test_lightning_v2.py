@@ -140,17 +140,17 @@ def weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # -- a sparsifier that needs gradients ----------------------------------------------------------
 class GradProbe(ScoreSparsifier):
-    """Magnitude scores; records every gradient it is handed (name, live tensor, grad)."""
+    """Magnitude scores; records every gradient it is handed (name, live tensor, its value, grad)."""
 
     name = "grad_probe_lightning_test"
     capabilities = Capabilities(gradients=True)
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        self.seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self.seen: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def observe_gradient(self, name: str, tensor: torch.Tensor, grad: torch.Tensor) -> None:
-        self.seen.append((name, tensor, grad.detach().clone()))
+        self.seen.append((name, tensor, tensor.detach().clone(), grad.detach().clone()))
 
     def score(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.abs()
@@ -167,9 +167,12 @@ class AfterBackward(Callback):
         self.grads.append(grads(pl_module.model))
 
 
-def test_training_aware_delivers_accumulated_gradients_once_per_optimizer_step() -> None:
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "copy"])
+def test_training_aware_delivers_accumulated_gradients_once_per_optimizer_step(inplace: bool) -> None:
+    # inplace=False: the network trains dense and a copy is sparsified; the gradients are still
+    # the trained network's, on its live parameters
     model = Net()
-    cb = TrainingAwareSparsity(GradProbe, {"sparsity_level": 0.5}, *LATER, verbose=False)
+    cb = TrainingAwareSparsity(GradProbe, {"sparsity_level": 0.5}, *LATER, inplace=inplace, verbose=False)
     backward = AfterBackward()
     t = trainer(callbacks=[cb, backward], max_epochs=2, accumulate_grad_batches=2)
     t.fit(model, tuples())  # 8 batches an epoch: 4 optimizer steps
@@ -179,11 +182,13 @@ def test_training_aware_delivers_accumulated_gradients_once_per_optimizer_step()
     assert len(probe.seen) == 2 * t.global_step  # each covered weight once per step, not per backward
     live = dict(model.model.named_parameters())
     for k in range(t.global_step):
-        for name, tensor, grad in probe.seen[2 * k : 2 * k + 2]:
+        for name, tensor, _, grad in probe.seen[2 * k : 2 * k + 2]:
             assert tensor is live[name]
             assert torch.equal(grad, backward.grads[2 * k + 1][name])  # both micro-batches
             assert not torch.equal(grad, backward.grads[2 * k][name])
     assert sorted(n for n, *_ in probe.seen[:2]) == ["0.weight", "2.weight"]
+    assert cb.sparsified is not None and cb.report is not None and cb.report.overall == 0.5
+    assert (cb.sparsified is model.model) == inplace
     assert no_hooks(model, model.optimizers_made)
 
 
@@ -197,7 +202,7 @@ def test_training_aware_delivers_gradients_for_two_optimizers_in_manual_optimiza
     # each optimizer hands over its own parameter, once per opt.step()
     assert [n for n, *_ in probe.seen] == ["0.weight", "2.weight"] * model.steps
     live = dict(model.model.named_parameters())
-    for i, (name, tensor, grad) in enumerate(probe.seen):
+    for i, (name, tensor, _, grad) in enumerate(probe.seen):
         assert tensor is live[name]
         assert torch.equal(grad, model.after_backward[i // 2][name])
     for name, mask in cb.controller.masks.items():
@@ -221,8 +226,8 @@ def test_post_training_takes_gradients_of_training_steps_loss() -> None:
     params = [model.model[0].weight, model.model[2].weight]
     expected = [torch.autograd.grad(model.loss(batch), params) for batch in list(tuples())[:2]]
     assert [n for n, *_ in probe.seen] == ["0.weight", "2.weight"] * 2
-    for i, (name, tensor, grad) in enumerate(probe.seen):
-        assert torch.equal(tensor, dict(model.model.named_parameters())[name])  # the trained weights
+    for i, (name, _, value, grad) in enumerate(probe.seen):
+        assert torch.equal(value, dict(model.model.named_parameters())[name])  # the trained weights
         torch.testing.assert_close(grad, expected[i // 2][i % 2], rtol=0, atol=1e-7)
     assert grads(model.model).keys() == trained["grads"].keys()
     assert all(torch.equal(g, trained["grads"][n]) for n, g in grads(model.model).items())  # .grad untouched
