@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from sparsity_core import Capabilities, ScoreSparsifier, sparsify
+from sparsity_core import Capabilities, Scheduler, ScoreSparsifier, sparsify
 from sparsity_core.lightning import PostTrainingSparsity, TrainingAwareSparsity
 from test_lightning import trainer
 
@@ -376,15 +376,23 @@ class Weights(Callback):
             self.masks[trainer.current_epoch] = dict(self.cb.controller.masks)
 
 
+class TwoSteps(Scheduler):
+    """Half the final level from t=1, all of it from t=3: an epoch of training (t=2) between."""
+
+    name = "two_steps_test"
+
+    def level_at(self, t: float, final_level: float) -> float:
+        return 0.0 if t < 1 else final_level / 2 if t < 3 else final_level
+
+
 def rewind_run(tmp: Path, rewind_to: Any, *, ckpt_path: Path | None = None) -> tuple[Net, TrainingAwareSparsity, Weights, Weights]:
     pl.seed_everything(0, verbose=False)
     model = Net()
-    # masks change at the ends of epochs 0 (t=1) and 1 (t=2); epoch 2 only trains
-    cb = TrainingAwareSparsity("magnitude", {"sparsity_level": 0.75}, "linear", {"end": 2},
-                               rewind_to=rewind_to, keep_masks=True, verbose=False)
+    # masks change at the ends of epochs 0 (t=1) and 2 (t=3); epochs 1 and 3 only train
+    cb = TrainingAwareSparsity("magnitude", {"sparsity_level": 0.75}, TwoSteps, rewind_to=rewind_to, keep_masks=True, verbose=False)
     before, after = Weights(), Weights(cb)
     ckpt = ModelCheckpoint(dirpath=tmp, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
-    t = trainer(callbacks=[before, cb, after, ckpt], max_epochs=3, enable_checkpointing=True)
+    t = trainer(callbacks=[before, cb, after, ckpt], max_epochs=4, enable_checkpointing=True)
     t.fit(model, tuples(), ckpt_path=ckpt_path)
     return model, cb, before, after
 
@@ -395,17 +403,19 @@ def rewind_run(tmp: Path, rewind_to: Any, *, ckpt_path: Path | None = None) -> t
 def test_lottery_ticket_rewinding_and_an_exact_resume(tmp_path: Path, rewind_to: Any) -> None:
     model, cb, before, after = rewind_run(tmp_path, rewind_to)
     saved = before.start if rewind_to == "init" else before.epochs[0]  # weights at t=rewind_to
-    for epoch in (0, 1):  # after each mask update: the kept weights are the saved ones, the pruned zero
+    for epoch in (0, 2):  # after each mask update: the kept weights are the saved ones, the pruned zero
         masks = after.masks[epoch]
         assert masks.keys() == {"0.weight", "2.weight"}
         for name, mask in masks.items():
             expected = torch.where(mask, saved[name], torch.zeros_like(saved[name]))
             assert torch.equal(after.epochs[epoch][name], expected), (epoch, name)
-    assert not torch.equal(before.epochs[1]["0.weight"], saved["0.weight"])  # training had moved them
-    assert not torch.equal(after.epochs[2]["0.weight"], after.epochs[1]["0.weight"])  # and trains again after
+    assert not torch.equal(before.epochs[2]["0.weight"], after.epochs[2]["0.weight"])  # training had moved them
+    assert not torch.equal(after.epochs[3]["0.weight"], after.epochs[2]["0.weight"])  # and trains again after
 
-    # resumed from the checkpoint written at the end of epoch 0 (after the first update)
-    resumed, resumed_cb, _, _ = rewind_run(tmp_path, rewind_to, ckpt_path=tmp_path / "epoch=0.ckpt")
+    # resumed from the checkpoint of epoch 1: trained since the first update, before the second;
+    # the second update must rewind to the weights saved in the first run, not to the resumed ones
+    resumed, resumed_cb, _, resumed_after = rewind_run(tmp_path, rewind_to, ckpt_path=tmp_path / "epoch=1.ckpt")
+    assert sorted(resumed_after.epochs) == [2, 3]
     assert cb.controller is not None and resumed_cb.controller is not None
     a, b = cb.controller, resumed_cb.controller
     assert a.masks.keys() == b.masks.keys() == {"0.weight", "2.weight"}
