@@ -458,3 +458,24 @@ def test_a_loss_fn_for_a_sparsifier_that_takes_no_gradients_is_refused() -> None
     with pytest.raises(ValueError, match=r"magnitude.*does not use gradients"):
         sparsify(model, "magnitude", {"sparsity_level": 0.5}, calibration=batches(2), loss_fn=F.mse_loss)
     assert all(torch.equal(w, before[n]) for n, w in weights(model).items())
+
+
+def test_first_party_wanda_reaches_the_level_exactly_when_its_scores_change() -> None:
+    # In training, wanda recalibrates before each update on activations that have changed. Its
+    # compute_masks is a v1 override (no context), so the controller intersects the new masks
+    # with the current ones; the level still holds because a pruned weight (zero) scores zero and
+    # is chosen again first. Were that to change, the weights would end sparser than asked.
+    pytest.importorskip("sparsity_plugin_wanda")
+    model = net()
+    g = torch.Generator().manual_seed(5)
+    early = [torch.randn(16, 10, generator=g) for _ in range(2)]
+    late = [torch.randn(16, 10, generator=g) * torch.linspace(0.1, 3.0, 10) for _ in range(2)]
+    c = SparsityController(model, "wanda", {"sparsity_level": 0.6}, "linear", {"end": 2})
+    c.calibrate(early)
+    c.step(1)
+    first = dict(c.masks)
+    assert zeros(c.tensors) == 120
+    c.calibrate(late)
+    c.step(2)
+    assert all(not (c.masks[n] & ~first[n]).any() for n in first)  # nested
+    assert zeros(c.tensors) == 240, f"{zeros(c.tensors) / 400:.3f} of the weights are zero at level 0.6"

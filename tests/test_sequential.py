@@ -308,3 +308,22 @@ def test_tiny_gpt2_sequential_equals_its_hand_loop(sparsifier: Any, use_cache: b
         prune(Call(block), block_inputs(reference, block, clean), sparsifier, args)
     assert_same_weights(model, reference)
     assert no_hooks(model)
+
+
+class Failing(InputRMS):
+    """Fails while observing the second block (a module that cannot be calibrated, say)."""
+
+    name = "failing_test"
+
+    def observe(self, name: str, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        if name.startswith("blocks.1."):
+            raise RuntimeError(f"cannot observe {name}")
+        super().observe(name, module, inputs)
+
+
+def test_no_hook_is_left_when_a_block_fails() -> None:
+    model = ResMLP()
+    with pytest.raises(RuntimeError, match=r"cannot observe blocks\.1\.fc1\.weight"):
+        sparsify(model, Failing, {"sparsity_level": 0.5}, calibration=data(), sequential="blocks.*")
+    assert no_hooks(model)
+    assert (model.blocks[0].fc1.weight == 0).any() and not (model.blocks[1].fc1.weight == 0).any()
