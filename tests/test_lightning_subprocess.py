@@ -16,7 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     # One thread per process: two processes on a shared 2-core machine would otherwise fight.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    # This checkout's sparsity_core first: the script runs from another folder, where the installed
+    # (possibly another checkout's) package would be imported instead of the one under test.
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning", "PYTHONPATH": path}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -68,3 +71,20 @@ def test_ddp_two_cpu_processes_agree_on_masks(tmp_path: Path) -> None:
     # logged by rank zero, with names as in the LightningModule's state_dict
     header = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"sparsity/model.0/overall", "sparsity/model.2/overall", "sparsity/model.0.weight"} <= set(header)
+
+
+@pytest.mark.slow
+def test_ddp_reconstruction_ends_with_rank_zeros_weights_and_masks(tmp_path: Path) -> None:
+    proc = run([str(ROOT / "tests" / "scripts" / "ddp_fit.py"), str(tmp_path), "reconstruction"], cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world_size"] == 2
+    # rank 1's own update differs from rank 0's, so agreement comes from the broadcast
+    assert ranks[1]["training_own_masks_differ"] == [True, True] and ranks[1]["post_own_masks_differ"] is True
+    assert ranks[0]["training_own_masks_differ"] == [False, False]
+    for r in ranks:
+        assert r["training_updates"] == 2
+        assert r["training_matches_rank0"] == [True, True], r["rank"]
+        assert r["post_matches_rank0"] is True and r["post_pruned_zero_kept_doubled"] is True, r["rank"]
+    for key in ("masks", "weights"):
+        assert ranks[0][key] == ranks[1][key], key
