@@ -88,9 +88,15 @@ class SparsifierSpec(_Spec):
     include: list[str] | None = Field(
         None,
         description=(
-            "Glob patterns over parameter (or tensor) names to cover. Default: the weights of "
-            "Linear, Conv and Embedding layers (not biases or norms); for a mapping of named "
-            "tensors, every tensor."
+            "Patterns of the tensors to cover: a glob over parameter (or tensor) names, or "
+            "'KIND:GLOB' for the weights of one layer kind whose names match, e.g. 'linear:*' "
+            "or 'conv1d:transformer.h.*' (kinds: linear, conv, conv_transpose, attention, "
+            "conv1d (transformers' Conv1D), embedding, bilinear, and those plugins register). "
+            "A tied tensor is covered once and matches any of its names. Default: the weights "
+            "of matmul/conv layers (Linear, Conv, MultiheadAttention, Conv1D), not embeddings, "
+            "norms, biases or an output head tied to an embedding (or declared by a Hugging "
+            "Face model); for a mapping of named tensors, every tensor. Narrowed to the "
+            "layer kinds the sparsifier supports."
         ),
     )
     exclude: list[str] = Field(
