@@ -152,6 +152,26 @@ class ScoreSpec(SparsifierSpec):
         description="'layer': each tensor reaches the level on its own; 'global': one importance threshold across all covered tensors.",
     )
 
+    max_level_per_tensor: float = Field(
+        0.98,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "scope='global' only: the highest level any one tensor may reach (like Intel Neural "
+            "Compressor's max_sparsity_ratio_per_op), so one threshold never empties a layer; the "
+            "overall level is still met exactly by pruning more elsewhere."
+        ),
+    )
+    min_level_per_tensor: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "scope='global' only: the lowest level every tensor reaches (at most the group's "
+            "current level during a schedule); the overall level is still met exactly."
+        ),
+    )
+
     @field_validator("pattern")
     @classmethod
     def _check_pattern(cls, value: str) -> str:
@@ -185,6 +205,9 @@ class ScoreSpec(SparsifierSpec):
                     f"scope='global' does not apply to pattern {self.pattern!r}: N:M keeps N of every "
                     f"group of M, a per-group rule with no global threshold; use scope='layer'"
                 )
+        from ._bounds import check_levels
+
+        check_levels(self)
         return self
 
     @property
