@@ -4,7 +4,8 @@ One global threshold can prune a whole tensor (a classifier head whose weights a
 none of it. ``ScoreSpec.max_level_per_tensor`` (default 0.98, like Intel Neural Compressor's
 ``max_sparsity_ratio_per_op``) and ``min_level_per_tensor`` (default 0) bound each tensor's
 level, and the overall level is still met exactly: the selection is redistributed over the
-other tensors.
+other tensors. A global level above the default cap raises it to that level (global 1.0 still
+prunes everything); a cap set explicitly below the level is refused when the spec is validated.
 
 How: select globally; if some tensors fall outside their bounds, fix the side with the larger
 total violation at its bounds (each such tensor is selected on its own, at exactly its bound),
@@ -44,7 +45,8 @@ def bounds(spec: Any, numels: Sequence[int], floors: Sequence[int], target: floa
     total = sum(numels)
     level_now = target / total if total else 0.0
     lo_level = min(float(getattr(spec, "min_level_per_tensor", 0.0)), level_now)
-    hi_level = float(getattr(spec, "max_level_per_tensor", 1.0))
+    # the default cap gives way to a higher level asked for (global 1.0 prunes everything)
+    hi_level = max(float(getattr(spec, "max_level_per_tensor", 1.0)), float(spec.sparsity_level))
     hi = [max(math.floor(hi_level * n + 1e-9), f) for n, f in zip(numels, floors)]
     lo = [min(max(math.ceil(lo_level * n - 1e-9), f), h) for n, f, h in zip(numels, floors, hi)]
     return lo, hi
@@ -83,10 +85,13 @@ def select_bounded(units: Sequence[_Units], target: float, spec: Any, floors: Se
 
 
 def check_levels(spec: Any) -> None:
-    """Refuse bounds that cannot hold (called by ScoreSpec's validator)."""
+    """Refuse bounds that cannot hold (called by ScoreSpec's validator). The default cap (0.98)
+    is not a rule the user stated: a global level above it raises it (see :func:`bounds`)."""
     lo, hi = spec.min_level_per_tensor, spec.max_level_per_tensor
     if lo > hi:
         raise ValueError(f"min_level_per_tensor={lo:g} is above max_level_per_tensor={hi:g}")
+    if "max_level_per_tensor" not in spec.model_fields_set:
+        hi = max(hi, spec.sparsity_level)
     if spec.scope == "global" and not lo <= spec.sparsity_level <= hi:
         side = "above max_level_per_tensor" if spec.sparsity_level > hi else "below min_level_per_tensor"
         raise ValueError(

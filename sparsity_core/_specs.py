@@ -159,7 +159,8 @@ class ScoreSpec(SparsifierSpec):
         description=(
             "scope='global' only: the highest level any one tensor may reach (like Intel Neural "
             "Compressor's max_sparsity_ratio_per_op), so one threshold never empties a layer; the "
-            "overall level is still met exactly by pruning more elsewhere."
+            "overall level is still met exactly by pruning more elsewhere. Left at its default, "
+            "a higher sparsity_level raises it to that level."
         ),
     )
     min_level_per_tensor: float = Field(
