@@ -41,12 +41,15 @@ def _pruned(units: _Units) -> int:
 def bounds(spec: Any, numels: Sequence[int], floors: Sequence[int], target: float) -> tuple[list[int], list[int]]:
     """Each tensor's least and most pruned elements. The least is ``min_level_per_tensor``, but
     never above the group's level now (early in a schedule the group is below it); the most is
-    ``max_level_per_tensor``, but never below what is pruned already (nested masks)."""
+    ``max_level_per_tensor``, but never below what is pruned already (nested masks), and, left at
+    its default, never below the level asked for."""
     total = sum(numels)
     level_now = target / total if total else 0.0
     lo_level = min(float(getattr(spec, "min_level_per_tensor", 0.0)), level_now)
-    # the default cap gives way to a higher level asked for (global 1.0 prunes everything)
-    hi_level = max(float(getattr(spec, "max_level_per_tensor", 1.0)), float(spec.sparsity_level))
+    hi_level = float(getattr(spec, "max_level_per_tensor", 1.0))
+    if "max_level_per_tensor" not in getattr(spec, "model_fields_set", ()):
+        # the default cap gives way to a higher level asked for (global 1.0 prunes everything)
+        hi_level = max(hi_level, level_now, float(spec.sparsity_level))
     hi = [max(math.floor(hi_level * n + 1e-9), f) for n, f in zip(numels, floors)]
     lo = [min(max(math.ceil(lo_level * n - 1e-9), f), h) for n, f, h in zip(numels, floors, hi)]
     return lo, hi
