@@ -11,7 +11,7 @@ import fnmatch
 import inspect
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -128,32 +128,107 @@ class Sparsifier(_Implementation):
             cls.capabilities = dataclasses.replace(cls.capabilities, calibration=bool(cls.needs_calibration))
 
     # -- which names, with which arguments -------------------------------------------------
-    def covers(self, names: Iterable[str], default: Callable[[str], bool] | None = None) -> list[str]:
-        """The names this sparsifier covers, in order. ``default`` decides when ``include`` is
-        unset (for a module: weights of Linear/Conv/Embedding); with no default, every name."""
-        include, exclude = self.spec.include, self.spec.exclude
+    def covers(
+        self,
+        names: Iterable[str],
+        default: Callable[[str], bool] | None = None,
+        *,
+        kinds: Mapping[str, str | None] | None = None,
+        aliases: Mapping[str, Sequence[str]] | None = None,
+    ) -> list[str]:
+        """The names this sparsifier covers, in order.
+
+        ``default`` decides when ``include`` is unset (for a module: the matmul/conv weights of
+        known layer kinds); with no default, every name. ``kinds`` maps each name to its layer
+        kind (None: none), for ``"KIND:GLOB"`` patterns (without it they match nothing).
+        ``aliases`` maps a name to every name of its tensor (tied weights, canonical first): the
+        tensor is covered when one of its names is included and none excluded, and overrides
+        match any of its names (the aliases are remembered for :meth:`spec_for`). An alias
+        included while another is excluded, or two aliases under different overrides, is a
+        ValueError naming both."""
+        from ._layers import parse_selector
+
+        spec = self.spec
+        include = None if spec.include is None else [parse_selector(p, "include pattern") for p in spec.include]
+        exclude = [parse_selector(p, "exclude pattern") for p in spec.exclude]
+        kinds = kinds or {}
+        aliases = aliases or {}
+
+        def first(rules: list[Any], name: str) -> Any:
+            return next((r for r in rules if r.matches(name, kinds.get(name))), None)
+
         chosen = []
         for name in names:
+            every = tuple(aliases.get(name, (name,)))
+            excluded = [(n, r) for n in every if (r := first(exclude, n)) is not None]
             if include is None:
-                if default is not None and not default(name):
+                if (default is not None and not default(name)) or excluded:
                     continue
-            elif not any(fnmatch.fnmatchcase(name, p) for p in include):
-                continue
-            if any(fnmatch.fnmatchcase(name, p) for p in exclude):
-                continue
+            else:
+                out = {n for n, _ in excluded}
+                taken = [(n, r) for n in every if n not in out and (r := first(include, n)) is not None]
+                if not taken:
+                    continue
+                if excluded:
+                    (a, ra), (b, rb) = taken[0], excluded[0]
+                    raise ValueError(
+                        f"conflicting rules for one tensor with several names {list(every)}: include pattern "
+                        f"{ra.text!r} takes {a!r}, exclude pattern {rb.text!r} leaves {b!r} dense. Tied names are "
+                        f"one tensor: exclude all of its names or none"
+                    )
+            self._kinds.update({n: kinds[n] for n in every if n in kinds})
+            if len(every) > 1:
+                self._aliases[name] = every
+                self._override(every)  # refuse conflicting overrides now, not at the first mask
             chosen.append(name)
         return chosen
 
     def spec_for(self, name: str) -> SparsifierSpec:
-        """The spec that applies to ``name``: the first matching override, else the spec itself."""
-        for pattern, resolved in self._resolved_overrides:
-            if fnmatch.fnmatchcase(name, pattern):
-                return resolved
-        return self.spec
+        """The spec that applies to ``name``: the first override matching it (or, for a tied
+        tensor, any of its names), else the spec itself."""
+        found = self._override(self._aliases.get(name, (name,)))
+        return found[1] if found is not None else self.spec
+
+    def _override(self, names: tuple[str, ...]) -> tuple[str, SparsifierSpec] | None:
+        """The override for a tensor with these names: the first pattern matching each name; two
+        names under different overrides is a ValueError naming both."""
+        found: list[tuple[str, str, SparsifierSpec]] = []
+        for n in names:
+            kind = self._kinds.get(n)
+            for selector, pattern, resolved in self._override_rules:
+                if selector.matches(n, kind):
+                    found.append((n, pattern, resolved))
+                    break
+        if not found:
+            return None
+        for n, pattern, resolved in found[1:]:
+            if pattern != found[0][1] and self.spec.overrides[pattern] != self.spec.overrides[found[0][1]]:
+                raise ValueError(
+                    f"conflicting overrides for one tensor with several names {list(names)}: {found[0][0]!r} "
+                    f"matches overrides[{found[0][1]!r}] = {self.spec.overrides[found[0][1]]}, {n!r} matches "
+                    f"overrides[{pattern!r}] = {self.spec.overrides[pattern]}. Tied names are one tensor: give it one override"
+                )
+        return found[0][1], found[0][2]
 
     @cached_property
     def _resolved_overrides(self) -> list[tuple[str, SparsifierSpec]]:
         return [(p, self.spec.resolve(p, v)) for p, v in self.spec.overrides.items()]
+
+    @cached_property
+    def _override_rules(self) -> list[tuple[Any, str, SparsifierSpec]]:
+        from ._layers import parse_selector
+
+        return [(parse_selector(p, "overrides pattern"), p, r) for p, r in self._resolved_overrides]
+
+    @cached_property
+    def _aliases(self) -> dict[str, tuple[str, ...]]:
+        """Tied tensors seen by :meth:`covers`: canonical name -> every name."""
+        return {}
+
+    @cached_property
+    def _kinds(self) -> dict[str, str | None]:
+        """The layer kind of each name :meth:`covers` was told of (for "KIND:GLOB" overrides)."""
+        return {}
 
     def final_levels(self, names: Iterable[str]) -> dict[str, float]:
         """Each name's target level, overrides applied."""

@@ -539,10 +539,10 @@ class SparsityController:
 
     # -- reporting and state -----------------------------------------------------------------
     def report(self) -> SparsityReport:
-        """Per-tensor and overall sparsity, counted from the live tensors."""
+        """Per-tensor and overall sparsity, counted from the live tensors (a tied tensor once, with its aliases)."""
         if self.owners:
             self._follow_live_parameters()
-        return SparsityReport.measure(self.tensors)
+        return SparsityReport.measure(self.tensors, self.aliases)
 
     def fingerprint(self) -> dict[str, Any]:
         """What the masks were made with, besides the level: the sparsifier, its selection fields

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._bounds import select_bounded
 from ._layers import TensorLayout, generic_layout
 
 if TYPE_CHECKING:
@@ -754,7 +755,8 @@ def score_masks(
         for names in groups.values():
             group = [_units(scorer(n), sparsifier.spec_for(n).parsed_pattern) for n in names]  # type: ignore[attr-defined]
             target = sum(levels[n] * tensors[n].numel() for n in names)
-            select(group, max(target, sum(pruned_now(n, u) for n, u in zip(names, group))))
+            floors = [int(pruned_now(n, u)) for n, u in zip(names, group)]  # per-tensor bounds (no layer emptied): _bounds.py
+            select_bounded(group, max(target, sum(floors)), sparsifier.spec_for(names[0]), floors)
             for n, units in zip(names, group):
                 done(n, units.element_mask())
     return {n: masks[n] for n in tensors}

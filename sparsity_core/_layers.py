@@ -7,24 +7,41 @@ blocks run along the input of the matmul, where sparse tensor cores need them: f
 (``[out, in]``) that is the last dim; for transformers' ``Conv1D`` (``[in, out]``) dim 0; for a
 ``k x k`` convolution the input channels at each kernel position (the layout of NVIDIA's ASP and
 TensorRT), not the flattened ``in*kh*kw``.
+
+The built-in kinds are registered by the ``builtin`` plugin; a plugin declares more through the
+``register_layer_kinds`` hook (``register(LayerKind(...))``), e.g. for a third-party quantized Linear.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import functools
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 
+#: A layer kind's name: it is also the ``KIND`` of ``"KIND:GLOB"`` selectors in include/exclude.
+_KIND_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+
+
 @dataclass(frozen=True)
 class LayerKind:
     """A kind of layer: which module classes, which of their tensors are weights, and how those are
-    oriented. ``module_types`` holds classes or qualified class names (``"transformers.pytorch_utils.Conv1D"``),
-    matched against a module's class and its bases, so a library need not be imported to be known."""
+    oriented.
+
+    ``module_types`` holds classes or qualified class names (``"transformers.pytorch_utils.Conv1D"``),
+    matched against a module's class and its bases, so a library need not be imported to be known.
+    The most specific class wins: a kind registered for a subclass of ``nn.Linear`` takes its
+    modules from the built-in ``linear``. ``weights`` are the attribute names of the tensors the
+    kind knows (a kind's other tensors, biases say, have no kind). ``output_axis`` and
+    ``input_axis`` orient them (see :class:`TensorLayout`); ``matmul=False`` marks a lookup
+    (embeddings), never covered by default."""
 
     name: str
     module_types: tuple[type | str, ...]
@@ -34,12 +51,48 @@ class LayerKind:
     #: False for lookups (embeddings): not a matmul, never covered by default.
     matmul: bool = True
 
+    def __post_init__(self) -> None:
+        where = f"LayerKind({self.name!r})"
+        if not isinstance(self.name, str) or not _KIND_NAME.match(self.name):
+            raise ValueError(
+                f"LayerKind name must be letters, digits, '_' or '-', starting with a letter (it is the KIND "
+                f"of 'KIND:GLOB' selectors); got {self.name!r}"
+            )
+        types = (self.module_types,) if isinstance(self.module_types, (str, type)) else tuple(self.module_types)
+        if not types or not all(isinstance(t, (str, type)) for t in types):
+            raise TypeError(f"{where}.module_types must be classes or qualified class names, got {self.module_types!r}")
+        weights = (self.weights,) if isinstance(self.weights, str) else tuple(self.weights)
+        if not weights or not all(isinstance(w, str) and w and "." not in w for w in weights):
+            raise TypeError(f"{where}.weights must be attribute names of the module's tensors, got {self.weights!r}")
+        if not isinstance(self.output_axis, int) or not (self.input_axis is None or isinstance(self.input_axis, int)):
+            raise TypeError(f"{where}: output_axis must be an int and input_axis an int or None")
+        if self.input_axis is not None and self.input_axis == self.output_axis:
+            raise ValueError(f"{where}: output_axis and input_axis are both {self.output_axis}")
+        object.__setattr__(self, "module_types", types)
+        object.__setattr__(self, "weights", weights)
+
     def matches(self, module: Any) -> bool:
-        for cls in type(module).__mro__:
-            for t in self.module_types:
-                if cls is t or (isinstance(t, str) and f"{cls.__module__}.{cls.__qualname__}" == t):
-                    return True
-        return False
+        """Whether ``module``'s class or one of its bases is one of :attr:`module_types`."""
+        return any(_lists(self, cls) for cls in type(module).__mro__)
+
+    def layout(self) -> TensorLayout:
+        return TensorLayout(self.name, self.output_axis, self.input_axis, self.matmul)
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _lists(kind: LayerKind, cls: type) -> bool:
+    path = None
+    for t in kind.module_types:
+        if t is cls:
+            return True
+        if isinstance(t, str):
+            path = path or _class_path(cls)
+            if t == path:
+                return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -97,36 +150,48 @@ def generic_layout(tensor: Any = None) -> TensorLayout:
     return _GENERIC
 
 
-def _builtin_kinds() -> list[LayerKind]:
-    from torch import nn
+#: The built-in kinds, registered by the ``builtin`` plugin through ``register_layer_kinds``
+#: like any other. Classes are named by path, so that discovery imports no torch.
+BUILTIN_LAYER_KINDS: Final[tuple[LayerKind, ...]] = (
+    # nn.Linear and its subclasses (NonDynamicallyQuantizableLinear: MultiheadAttention.out_proj; LazyLinear)
+    LayerKind("linear", ("torch.nn.modules.linear.Linear",)),
+    # y = x1^T W x2: W [out, in1, in2]; the last input is the reduction axis of the inner product
+    LayerKind("bilinear", ("torch.nn.modules.linear.Bilinear",), input_axis=-1),
+    LayerKind("conv", tuple(f"torch.nn.modules.conv.Conv{d}d" for d in (1, 2, 3))),
+    # weight [in, out / groups, *kernel]
+    LayerKind("conv_transpose", tuple(f"torch.nn.modules.conv.ConvTranspose{d}d" for d in (1, 2, 3)), output_axis=1, input_axis=0),
+    # in_proj_weight [3E, E] or q/k/v_proj_weight [E, qdim/kdim/vdim]; out_proj is an nn.Linear
+    LayerKind(
+        "attention",
+        ("torch.nn.modules.activation.MultiheadAttention",),
+        ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"),
+    ),
+    LayerKind("embedding", ("torch.nn.modules.sparse.Embedding", "torch.nn.modules.sparse.EmbeddingBag"), matmul=False),
+    # transformers' GPT-2 style Conv1D: weight [in, out], y = x @ W + b (transformers < 4.31 kept it in modeling_utils)
+    LayerKind("conv1d", ("transformers.pytorch_utils.Conv1D", "transformers.modeling_utils.Conv1D"), output_axis=1, input_axis=0),
+)
 
-    return [
-        LayerKind("linear", (nn.Linear,), ("weight",), 0, 1),
-        LayerKind("bilinear", (nn.Bilinear,), ("weight",), 0, -1),
-        LayerKind("conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), ("weight",), 0, 1),
-        LayerKind("conv_transpose", (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), ("weight",), 1, 0),
-        LayerKind(
-            "attention",
-            (nn.MultiheadAttention,),
-            ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"),
-            0,
-            1,
-        ),
-        LayerKind("embedding", (nn.Embedding, nn.EmbeddingBag), ("weight",), 0, 1, matmul=False),
-        # transformers' GPT-2 style Conv1D: weight [in, out], y = x @ W + b
-        LayerKind("conv1d", ("transformers.pytorch_utils.Conv1D", "transformers.modeling_utils.Conv1D"), ("weight",), 1, 0),
-    ]
 
+def layer_kinds() -> tuple[LayerKind, ...]:
+    """Every known layer kind: the built-ins, then those plugins register through
+    ``register_layer_kinds`` (in the process-wide registry; discovery runs on first use)."""
+    from ._registry import get_registry
 
-def layer_kinds() -> list[LayerKind]:
-    """Every known layer kind: the built-ins, then those plugins register (first match wins)."""
-    return _builtin_kinds()
+    return get_registry().layer_kinds()
 
 
 def kind_of(module: nn.Module, kinds: Iterable[LayerKind] | None = None) -> LayerKind | None:
-    for kind in kinds if kinds is not None else layer_kinds():
-        if kind.matches(module):
-            return kind
+    """The kind of ``module``: the kind that lists its most specific class (its own, then its
+    bases in method resolution order); among kinds listing the same class, the first registered."""
+    return _kind_of_class(type(module), tuple(kinds) if kinds is not None else layer_kinds())
+
+
+@functools.lru_cache(maxsize=1024)
+def _kind_of_class(cls: type, kinds: tuple[LayerKind, ...]) -> LayerKind | None:
+    for klass in cls.__mro__:
+        for kind in kinds:
+            if _lists(kind, klass):
+                return kind
     return None
 
 
@@ -135,4 +200,39 @@ def layout_of(module: nn.Module, attr: str, kinds: Iterable[LayerKind] | None = 
     kind = kind_of(module, kinds)
     if kind is None or attr not in kind.weights:
         return _GENERIC
-    return TensorLayout(kind.name, kind.output_axis, kind.input_axis, kind.matmul)
+    return kind.layout()
+
+
+# -- selectors: "GLOB" or "KIND:GLOB" in include / exclude / overrides ----------------------------
+_SELECTOR = re.compile(r"^([A-Za-z][A-Za-z0-9_\-]*):(.*)$")
+
+
+@dataclass(frozen=True)
+class Selector:
+    """One include/exclude/overrides pattern: a glob over names, or ``"KIND:GLOB"``: the weights
+    of layer kind ``KIND`` (case-insensitive) whose names match ``GLOB``."""
+
+    text: str
+    kind: str | None
+    glob: str
+
+    def matches(self, name: str, kind: str | None = None) -> bool:
+        if self.kind is not None and (kind is None or kind.lower() != self.kind):
+            return False
+        return fnmatch.fnmatchcase(name, self.glob)
+
+
+def parse_selector(text: str, where: str = "pattern") -> Selector:
+    """``"KIND:GLOB"`` when the text before the first ':' is a name; else a plain glob. An unknown
+    KIND is a ValueError listing the kinds (a name holding ':' is matched with ``[:]``)."""
+    m = _SELECTOR.match(text)
+    if m is None:
+        return Selector(text, None, text)
+    kind = m[1].lower()
+    known = [k.name for k in layer_kinds()]
+    if kind not in {k.lower() for k in known}:
+        raise ValueError(
+            f"{where} {text!r}: unknown layer kind {m[1]!r} in 'KIND:GLOB'; the layer kinds are: "
+            f"{', '.join(known)}. (To match a name that holds ':', write it as '[:]', e.g. {text.replace(':', '[:]', 1)!r}.)"
+        )
+    return Selector(text, kind, m[2])

@@ -34,6 +34,8 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
 Kind = Literal["sparsifier", "scheduler"]
 Status = Literal["loaded", "failed", "disabled", "incompatible"]
 _HOOKS: Final[dict[Kind, str]] = {"sparsifier": "register_sparsifiers", "scheduler": "register_schedulers"}
+#: The third hook: plugins teach the core layer kinds (``register(LayerKind(...))``), see :mod:`._layers`.
+_KIND_HOOK: Final = "register_layer_kinds"
 
 
 def normalize(name: str) -> str:
@@ -131,6 +133,7 @@ class Registry:
         self._strict_error: PluginLoadError | None = None
         self._plugins: dict[str, PluginInfo] = {}
         self._impls: dict[Kind, dict[str, Implementation]] = {"sparsifier": {}, "scheduler": {}}
+        self._layer_kinds: list[tuple[Any, str]] = []  # (LayerKind, plugin name), in registration order
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
 
@@ -292,11 +295,10 @@ class Registry:
             if caller.has_spec():
                 continue
             if any(impl.plugin_name == name and not impl.optionalhook for impl in caller.get_hookimpls()):
-                close = difflib.get_close_matches(hook_name, list(_HOOKS.values()), n=1)
+                hooks = [*_HOOKS.values(), _KIND_HOOK]
+                close = difflib.get_close_matches(hook_name, hooks, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(
-                    f"unknown hook {hook_name!r}{hint} The hooks are: {', '.join(_HOOKS.values())}"
-                )
+                raise ValueError(f"unknown hook {hook_name!r}{hint} The hooks are: {', '.join(hooks)}")
 
     def _collect(self, name: str, obj: object) -> list[Implementation]:
         """Call the plugin's own hook implementations; all of its registrations or none."""
@@ -314,6 +316,32 @@ class Registry:
                         raise ValueError(f"{kind} {cls.name!r} registered twice by plugin {name!r}")
                     staged.append(Implementation(kind, cls.name, info, cls))
 
+                hookimpl.function(**{arg: register for arg in hookimpl.argnames})
+        kinds = self._collect_layer_kinds(name)  # last: nothing after it can fail
+        self._layer_kinds.extend((kind, name) for kind in kinds)
+        return staged
+
+    def _collect_layer_kinds(self, name: str) -> list[Any]:
+        """The layer kinds plugin ``name`` registers through ``register_layer_kinds``. A kind
+        name is unique across plugins (case-insensitive): it is the KIND of "KIND:GLOB" selectors."""
+        from ._layers import LayerKind
+
+        staged: list[Any] = []
+        taken = {kind.name.lower(): plugin for kind, plugin in self._layer_kinds}
+
+        def register(kind: Any) -> None:
+            if not isinstance(kind, LayerKind):
+                raise TypeError(
+                    f"plugin {name!r} registered {kind!r} as a layer kind, but it is not a sparsity_core.LayerKind"
+                )
+            other = taken.get(kind.name.lower())
+            if other is not None:
+                raise ValueError(f"layer kind {kind.name!r} registered by plugin {name!r} is already registered by plugin {other!r}")
+            taken[kind.name.lower()] = name
+            staged.append(kind)
+
+        for hookimpl in getattr(self.pm.hook, _KIND_HOOK).get_hookimpls():
+            if hookimpl.plugin_name == name:
                 hookimpl.function(**{arg: register for arg in hookimpl.argnames})
         return staged
 
@@ -333,6 +361,17 @@ class Registry:
     def plugins(self) -> list[PluginInfo]:
         self._ensure()
         return list(self._plugins.values())
+
+    def layer_kinds(self) -> tuple[Any, ...]:
+        """Every registered :class:`~sparsity_core.LayerKind`: the built-ins first, then each
+        plugin's, in registration order."""
+        self._ensure()
+        return tuple(kind for kind, _ in self._layer_kinds)
+
+    def layer_kind_plugins(self) -> dict[str, str]:
+        """Layer kind name -> the plugin that registered it."""
+        self._ensure()
+        return {kind.name: plugin for kind, plugin in self._layer_kinds}
 
     def implementations(self, kind: Kind) -> list[Implementation]:
         self._ensure()

@@ -47,6 +47,8 @@ class Row:
     shape: tuple[int, ...]
     numel: int
     zeros: int
+    #: The tensor's other names (tied weights), besides ``name``.
+    aliases: tuple[str, ...] = ()
 
     @property
     def sparsity(self) -> float:
@@ -54,21 +56,36 @@ class Row:
 
 
 class SparsityReport(Mapping[str, float]):
-    """Maps each covered name to its sparsity; ``.overall`` is zeros / elements over all of them."""
+    """Maps each covered name to its sparsity; ``.overall`` is zeros / elements over all of them.
+
+    A tied tensor is one row (counted once), listed under its first name with its other names in
+    ``aliases``; ``report[alias]`` works for any of them, iteration gives the first names."""
 
     def __init__(self, rows: list[Row]) -> None:
         self.rows = rows
         self._by_name = {r.name: r for r in rows}
+        self._by_alias = {a: r for r in rows for a in r.aliases if a not in self._by_name}
 
     @classmethod
-    def measure(cls, tensors: Mapping[str, torch.Tensor]) -> SparsityReport:
+    def measure(
+        cls, tensors: Mapping[str, torch.Tensor], aliases: Mapping[str, tuple[str, ...]] | None = None
+    ) -> SparsityReport:
+        """``aliases``: name -> every name of its tensor (the name itself may be among them)."""
         rows = []
         for name, t in tensors.items():
-            rows.append(Row(name, tuple(t.shape), t.numel(), t.numel() - _count_nonzero(t.detach())))
+            others = tuple(a for a in (aliases or {}).get(name, ()) if a != name)
+            rows.append(Row(name, tuple(t.shape), t.numel(), t.numel() - _count_nonzero(t.detach()), others))
         return cls(rows)
 
+    def row(self, name: str) -> Row:
+        """The row of ``name`` (any of a tied tensor's names)."""
+        found = self._by_name.get(name) or self._by_alias.get(name)
+        if found is None:
+            raise KeyError(name)
+        return found
+
     def __getitem__(self, name: str) -> float:
-        return self._by_name[name].sparsity
+        return self.row(name).sparsity
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._by_name)
@@ -89,7 +106,14 @@ class SparsityReport(Mapping[str, float]):
         return {
             "overall": self.overall,
             "layers": [
-                {"name": r.name, "shape": list(r.shape), "numel": r.numel, "zeros": r.zeros, "sparsity": r.sparsity}
+                {
+                    "name": r.name,
+                    "aliases": list(r.aliases),
+                    "shape": list(r.shape),
+                    "numel": r.numel,
+                    "zeros": r.zeros,
+                    "sparsity": r.sparsity,
+                }
                 for r in self.rows
             ],
         }
@@ -102,10 +126,14 @@ class SparsityReport(Mapping[str, float]):
             for r in self.rows
         ]
         body.append(("overall", "", f"{self.numel:,}", f"{sum(r.zeros for r in self.rows):,}", f"{self.overall:7.2%}"))
+        if any(r.aliases for r in self.rows):  # tied weights: a column of their other names
+            header = (*header, "aliases")
+            body = [(*row, ", ".join(r.aliases)) for row, r in zip(body, self.rows)] + [(*body[-1], "")]
         widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(header)]
 
         def fmt(row: tuple[str, ...]) -> str:
-            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            cells = (c.ljust(w) if i < 2 or i > 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            return "  ".join(cells).rstrip()
 
         rule = "-" * len(fmt(header))
         return "\n".join([title, fmt(header), rule, *map(fmt, body[:-1]), rule, fmt(body[-1])])

@@ -88,9 +88,15 @@ class SparsifierSpec(_Spec):
     include: list[str] | None = Field(
         None,
         description=(
-            "Glob patterns over parameter (or tensor) names to cover. Default: the weights of "
-            "Linear, Conv and Embedding layers (not biases or norms); for a mapping of named "
-            "tensors, every tensor."
+            "Patterns of the tensors to cover: a glob over parameter (or tensor) names, or "
+            "'KIND:GLOB' for the weights of one layer kind whose names match, e.g. 'linear:*' "
+            "or 'conv1d:transformer.h.*' (kinds: linear, conv, conv_transpose, attention, "
+            "conv1d (transformers' Conv1D), embedding, bilinear, and those plugins register). "
+            "A tied tensor is covered once and matches any of its names. Default: the weights "
+            "of matmul/conv layers (Linear, Conv, MultiheadAttention, Conv1D), not embeddings, "
+            "norms, biases or an output head tied to an embedding (or declared by a Hugging "
+            "Face model); for a mapping of named tensors, every tensor. Narrowed to the "
+            "layer kinds the sparsifier supports."
         ),
     )
     exclude: list[str] = Field(
@@ -146,6 +152,27 @@ class ScoreSpec(SparsifierSpec):
         description="'layer': each tensor reaches the level on its own; 'global': one importance threshold across all covered tensors.",
     )
 
+    max_level_per_tensor: float = Field(
+        0.98,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "scope='global' only: the highest level any one tensor may reach (like Intel Neural "
+            "Compressor's max_sparsity_ratio_per_op), so one threshold never empties a layer; the "
+            "overall level is still met exactly by pruning more elsewhere. Left at its default, "
+            "a higher sparsity_level raises it to that level."
+        ),
+    )
+    min_level_per_tensor: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "scope='global' only: the lowest level every tensor reaches (at most the group's "
+            "current level during a schedule); the overall level is still met exactly."
+        ),
+    )
+
     @field_validator("pattern")
     @classmethod
     def _check_pattern(cls, value: str) -> str:
@@ -179,6 +206,9 @@ class ScoreSpec(SparsifierSpec):
                     f"scope='global' does not apply to pattern {self.pattern!r}: N:M keeps N of every "
                     f"group of M, a per-group rule with no global threshold; use scope='layer'"
                 )
+        from ._bounds import check_levels
+
+        check_levels(self)
         return self
 
     @property

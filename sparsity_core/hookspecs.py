@@ -1,4 +1,4 @@
-"""The hooks a plugin implements. Each hook receives ``register`` and calls it once per class."""
+"""The hooks a plugin implements. Each hook receives ``register`` and calls it once per class (or layer kind)."""
 
 from __future__ import annotations
 
@@ -20,3 +20,8 @@ def register_sparsifiers(register: Callable[[type[Any]], None]) -> None:
 @hookspec
 def register_schedulers(register: Callable[[type[Any]], None]) -> None:
     """Call ``register(cls)`` for each :class:`~sparsity_core.Scheduler` subclass you provide."""
+
+
+@hookspec
+def register_layer_kinds(register: Callable[[Any], None]) -> None:
+    """Call ``register(LayerKind(...))`` for each kind of layer you teach the core: its module classes, weights and their orientation."""

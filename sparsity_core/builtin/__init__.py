@@ -21,3 +21,11 @@ def register_schedulers(register: Callable[[type[Any]], None]) -> None:
 
     for cls in BUILTIN_SCHEDULERS:
         register(cls)
+
+
+@hookimpl
+def register_layer_kinds(register: Callable[[Any], None]) -> None:
+    from .._layers import BUILTIN_LAYER_KINDS
+
+    for kind in BUILTIN_LAYER_KINDS:
+        register(kind)

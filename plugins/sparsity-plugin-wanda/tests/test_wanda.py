@@ -102,12 +102,13 @@ def test_sparsify_with_calibration_reaches_the_level_and_needs_it() -> None:
         sparsify(nn.Linear(4, 4), "wanda", {"sparsity_level": 0.5})
 
 
-def test_an_embedding_is_refused_with_a_clear_error() -> None:
+def test_an_embedding_is_not_covered_and_refused_when_included() -> None:
+    # contract v2: wanda declares its layer kinds; the default leaves the embedding (token ids) out
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
-    with pytest.raises(TypeError, match=r"cannot score '0.weight'.*exclude it"):
-        sparsify(model, "wanda", calibration=[torch.tensor([[1, 2, 3]])])
-    report = sparsify(model, "wanda", {"exclude": ["0.*"]}, calibration=[torch.tensor([[1, 2, 3]])])
+    report = sparsify(model, "wanda", calibration=[torch.tensor([[1, 2, 3]])])
     assert list(report) == ["1.weight"]
+    with pytest.raises(ValueError, match=r"cannot sparsify '0.weight' \(Embedding, layer kind 'embedding'.*layer kinds \['attention', 'conv', 'conv1d', 'linear'\]"):
+        sparsify(model, "wanda", {"include": ["*.weight"]}, calibration=[torch.tensor([[1, 2, 3]])])
 
 
 def test_calibration_accumulates_over_batches() -> None:
