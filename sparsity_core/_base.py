@@ -7,7 +7,6 @@ CLI, ``list_sparsifiers()``) stays fast; the tensor work lives in :mod:`sparsity
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import inspect
 import math
 from abc import ABC, abstractmethod

@@ -88,15 +88,12 @@ class SparsifierSpec(_Spec):
     include: list[str] | None = Field(
         None,
         description=(
-            "Patterns of the tensors to cover: a glob over parameter (or tensor) names, or "
-            "'KIND:GLOB' for the weights of one layer kind whose names match, e.g. 'linear:*' "
-            "or 'conv1d:transformer.h.*' (kinds: linear, conv, conv_transpose, attention, "
-            "conv1d (transformers' Conv1D), embedding, bilinear, and those plugins register). "
-            "A tied tensor is covered once and matches any of its names. Default: the weights "
-            "of matmul/conv layers (Linear, Conv, MultiheadAttention, Conv1D), not embeddings, "
-            "norms, biases or an output head tied to an embedding (or declared by a Hugging "
-            "Face model); for a mapping of named tensors, every tensor. Narrowed to the "
-            "layer kinds the sparsifier supports."
+            "Tensors to cover: globs over parameter (or tensor) names, or 'KIND:GLOB' for one "
+            "layer kind's weights, e.g. 'linear:*', 'conv1d:transformer.h.*' (kinds: linear, conv, "
+            "conv_transpose, attention, conv1d (transformers' Conv1D), embedding, bilinear, and "
+            "plugins' kinds). A tied tensor matches any of its names. Default: the matmul/conv "
+            "weights, not embeddings, norms, biases or an output head; for a mapping of named "
+            "tensors, every tensor; narrowed to the layer kinds the sparsifier supports."
         ),
     )
     exclude: list[str] = Field(

@@ -75,11 +75,14 @@ class _Entry:
 
 def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
     """Tensors with one key are one tensor: same memory, shape, strides and dtype. Tensors
-    without real memory (meta, empty, wrapper subclasses such as DTensor) are only themselves."""
+    without real memory (meta, empty, lazy, wrapper subclasses such as DTensor) are only
+    themselves (the controller then refuses those it cannot mask, naming them)."""
+    if isinstance(t, nn.parameter.UninitializedTensorMixin):
+        return ("object", id(t))
     try:
         if t.device.type != "meta" and t.numel() > 0 and t.layout == torch.strided:
             return ("memory", t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError, ValueError):
         pass
     return ("object", id(t))
 

@@ -56,7 +56,7 @@ def test_report_prints_a_table_and_a_dict():
     assert "weight" in text and "30.00%" in text and "overall" in text
     as_dict = report.to_dict()
     assert as_dict["overall"] == pytest.approx(0.3)
-    assert as_dict["layers"][0] == {"name": "weight", "shape": [10, 10], "numel": 100, "zeros": 30, "sparsity": 0.3}
+    assert as_dict["layers"][0] == {"name": "weight", "aliases": [], "shape": [10, 10], "numel": 100, "zeros": 30, "sparsity": 0.3}
 
 
 def test_bad_target_is_named():

@@ -98,8 +98,10 @@ def test_sparsify_with_calibration_reaches_the_level_and_needs_it() -> None:
     batches = [torch.randn(8, 16) for _ in range(4)]
     report = sparsify(model, "wanda", {"sparsity_level": 0.75}, calibration=batches)
     assert report["0.weight"] == 0.75 and report["2.weight"] == 0.75
-    with pytest.raises(RuntimeError, match="needs calibration"):
+    with pytest.raises(ValueError, match="needs activations: pass calibration="):
         sparsify(nn.Linear(4, 4), "wanda", {"sparsity_level": 0.5})
+    with pytest.raises(RuntimeError, match="needs calibration"):  # a controller stepped without calibrate()
+        SparsityController(nn.Linear(4, 4), "wanda", {"sparsity_level": 0.5}).step()
 
 
 def test_an_embedding_is_not_covered_and_refused_when_included() -> None:
