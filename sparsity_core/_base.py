@@ -182,6 +182,13 @@ class Sparsifier(_Implementation):
             chosen.append(name)
         return chosen
 
+    def excludes(self, name: str, kinds: Mapping[str, str | None] | None = None) -> bool:
+        """Whether an ``exclude`` pattern matches ``name``."""
+        from ._layers import parse_selector
+
+        kind = (kinds or {}).get(name)
+        return any(parse_selector(p, "exclude pattern").matches(name, kind) for p in self.spec.exclude)
+
     def spec_for(self, name: str) -> SparsifierSpec:
         """The spec that applies to ``name``: the first override matching it (or, for a tied
         tensor, any of its names), else the spec itself."""

@@ -62,9 +62,12 @@ def _patterns(sequential: Sequential) -> list[str]:
 def find_blocks(model: nn.Module, sequential: Sequential) -> list[tuple[str, nn.Module]]:
     """The modules ``sequential`` names, outermost only, in the model's order. Raises ValueError
     naming the pattern when it matches nothing."""
+    from ._targets import plain_name
+
     patterns = _patterns(sequential)
     blocks: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
+    for raw, module in model.named_modules():
+        name = plain_name(raw)  # a compiled model's blocks answer to their plain names
         if not name or not any(fnmatch.fnmatchcase(name, p) for p in patterns):
             continue
         if blocks and name.startswith(blocks[-1][0] + "."):

@@ -117,6 +117,37 @@ def _output_heads(model: nn.Module) -> set[int]:
     return heads
 
 
+_COMPILED = "_orig_mod"
+
+
+def plain_name(name: str) -> str:
+    """A name without the ``_orig_mod`` segments ``torch.compile`` inserts (``_orig_mod.0.weight``
+    and ``block._orig_mod.fc.weight`` are ``0.weight`` and ``block.fc.weight``), so patterns
+    written for the model keep matching its compiled form."""
+    if _COMPILED not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part != _COMPILED)
+
+
+def _reparametrized(model: nn.Module, kinds: Any) -> list[tuple[str, str]]:
+    """Layers of a known kind whose weight is computed from other tensors (``torch.nn.utils.
+    parametrize``, ``weight_norm``, ``spectral_norm``, ``torch.nn.utils.prune``): (layer name, how)."""
+    from torch.nn.utils import parametrize
+
+    found = []
+    for prefix, module in model.named_modules():
+        if layout_of(module, "weight", kinds).kind is None:
+            continue
+        if parametrize.is_parametrized(module, "weight"):
+            chain = ", ".join(type(p).__name__ for p in module.parametrizations["weight"])  # type: ignore[index]
+            found.append((plain_name(prefix), f"its weight is parametrized ({chain}): the values live in "
+                          f"'{plain_name(prefix)}.parametrizations.weight.original*'"))
+        elif "weight_orig" in module._parameters and hasattr(module, "weight_mask"):
+            found.append((plain_name(prefix), f"torch.nn.utils.prune reparametrized its weight: the values live in "
+                          f"'{plain_name(prefix)}.weight_orig'"))
+    return found
+
+
 def _module_entries(model: nn.Module) -> list[_Entry]:
     kinds = layer_kinds()
     named: list[tuple[str, torch.Tensor]] = []
@@ -125,7 +156,7 @@ def _module_entries(model: nn.Module) -> list[_Entry]:
         for attr, param in module._parameters.items():
             if param is None:
                 continue
-            name = f"{prefix}.{attr}" if prefix else attr
+            name = plain_name(f"{prefix}.{attr}" if prefix else attr)
             named.append((name, param))
             info[name] = (module, attr, layout_of(module, attr, kinds))
     heads = _output_heads(model)
@@ -199,6 +230,16 @@ def select_tensors(target: Any, sparsifier: Any) -> Selection:
 
     caps = sparsifier.capabilities
     spec = sparsifier.spec
+    _check_patterns_match(sparsifier, [n for e in entries for n in e.names], kinds)
+    if is_module and spec.include is None:
+        for layer, why in _reparametrized(target, layer_kinds()):
+            if not any(sparsifier.excludes(f"{layer}.{attr}", kinds) for attr in ("weight", "weight_orig")):
+                raise ValueError(
+                    f"layer {layer!r} ({type(target.get_submodule(layer) if layer else target).__name__}) cannot be "
+                    f"covered by default: {why}. Remove the reparametrization first (torch.nn.utils.parametrize."
+                    f"remove_parametrizations / torch.nn.utils.prune.remove), include that tensor explicitly, or "
+                    f"exclude the layer (exclude=['{layer}.*'])"
+                )
     chosen, dropped = [], []
     for name in names:
         entry = by_name[name]
@@ -235,6 +276,28 @@ def select_tensors(target: Any, sparsifier: Any) -> Selection:
             selection.layouts[name] = entry.layouts[main]
         selection.aliases[name] = aliases[name]
     return selection
+
+
+def _check_patterns_match(sparsifier: Any, names: list[str], kinds: Mapping[str, str | None]) -> None:
+    """An ``exclude`` or ``overrides`` pattern that matches no name of the target is a typo until
+    proven otherwise (a misspelt exclude once pruned half of an output layer): refuse it, with the
+    closest names."""
+    import difflib
+
+    from ._layers import parse_selector
+
+    spec = sparsifier.spec
+    for field_name, patterns in (("exclude", list(spec.exclude)), ("overrides", list(spec.overrides))):
+        for pattern in patterns:
+            rule = parse_selector(pattern, f"{field_name} pattern")
+            if any(rule.matches(n, kinds.get(n)) for n in names):
+                continue
+            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(
+                f"sparsifier {sparsifier.name!r}: {field_name} pattern {pattern!r} matches no tensor name "
+                f"of the target{hint} (names look like {names[:4]})"
+            )
 
 
 def owner_modules(target: Any, names: list[str]) -> dict[str, nn.Module]:
