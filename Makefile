@@ -35,6 +35,11 @@ bench: install
 	$(PY) benchmarks/imports.py
 	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/callbacks.py
+	$(PY) benchmarks/sequential.py
+	$(PY) benchmarks/small_tensors.py
+	$(PY) benchmarks/sparsegpt.py
+	$(PY) benchmarks/deploy.py
+	$(PY) benchmarks/quality.py
 
 clean:
 	rm -rf .venv build *.egg-info lightning_logs out
