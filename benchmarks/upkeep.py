@@ -12,7 +12,8 @@ gradient hook, timed in place) and printed as a fraction of the step without upk
 demo's MLP (64-256-256-10) on the digits, batch 128, Adam; a stack of Linear layers of about 100M
 parameters at batch 32 and 256, with AdamW and SGD with momentum. Pruned to 90% (magnitude).
 
-Run: ``python benchmarks/upkeep.py [--rounds 5] [--width 4096 --depth 6] [--quick]``.
+Run: ``python benchmarks/upkeep.py [--rounds 5] [--width 4096 --depth 6] [--batches 32 256] [--quick]``
+(``--width 1024 --depth 96``: the same 100M parameters in layers whose gradient fits in cache).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed steps per mode and case (medians)")
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--depth", type=int, default=6, help="Linear layers of width x width (6 x 4096^2: 100.7M)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 256], help="batch sizes of the stack")
     parser.add_argument("--quick", action="store_true", help="the demo model only")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -135,7 +137,7 @@ def main() -> None:
     stack = nn.Sequential(*layers[:-1])
     n = sum(p.numel() for p in stack.parameters())
     mse = nn.functional.mse_loss
-    for bs in (32, 256):
+    for bs in args.batches:
         def stack_batch(bs: int = bs) -> tuple[torch.Tensor, torch.Tensor]:
             return torch.randn(bs, args.width), torch.randn(bs, args.width)
 
