@@ -30,9 +30,13 @@ SMALL_TENSOR = 4096
 #: ``attach(upkeep=...)``: how pruned weights are kept at zero through optimizer steps.
 Upkeep = Literal["auto", "weights", "gradients"]
 #: Optimizer classes (exactly these, not subclasses) for which masking gradients and zeroing the
-#: state once per mask update was verified to keep pruned weights exactly zero
-#: (tests/test_upkeep.py): ``upkeep="auto"`` picks it for them.
+#: state once per mask update was verified to keep pruned weights exactly zero (tests/test_upkeep.py).
 GRADIENT_UPKEEP: frozenset[type] = frozenset({torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW})
+#: The verified classes for which ``upkeep="auto"`` picks ``"gradients"`` because it measured
+#: cheaper. None today: both paths are one pass over the masked tensors' bytes and measured within
+#: noise of each other (benchmarks/upkeep.py, docs/upkeep.md), and "gradients" pays that pass once
+#: per backward (each accumulated micro-batch) where "weights" pays it once per step.
+AUTO_GRADIENTS: frozenset[type] = frozenset()
 
 _Fused = Callable[[Mapping[str, torch.Tensor], Mapping[str, float], dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 
@@ -381,9 +385,10 @@ class SparsityController:
         as it is accumulated (a post-accumulate-grad hook) and zeroes the optimizer's state of
         pruned entries at each mask update (and after ``optimizer.load_state_dict``), so an
         element-wise optimizer leaves pruned weights exactly zero without touching the weights
-        each step; ``"auto"`` picks ``"gradients"`` for the optimizer classes verified for it
-        (:data:`GRADIENT_UPKEEP`: SGD, Adam, AdamW, exactly those classes) unless the sparsifier
-        needs gradients (it would see them masked), and ``"weights"`` for anything else. With
+        each step (verified for SGD, Adam and AdamW: :data:`GRADIENT_UPKEEP`); ``"auto"`` picks
+        ``"gradients"`` only for a verified class where it measured cheaper (:data:`AUTO_GRADIENTS`,
+        empty today: the two cost the same pass) and never when the sparsifier needs gradients (it
+        would see them masked), ``"weights"`` otherwise. With
         ``"gradients"``, weights written outside the optimizer (a manual ``.data`` write) are not
         re-zeroed until the next mask update; see docs/upkeep.md for the measurements.
 
@@ -415,8 +420,8 @@ class SparsityController:
     def _upkeep_for(self, optimizer: torch.optim.Optimizer, upkeep: str) -> str:
         caps = self.sparsifier.capabilities
         if upkeep == "auto":
-            verified = type(optimizer) in GRADIENT_UPKEEP
-            return "gradients" if verified and not caps.gradients else "weights"
+            cheaper = type(optimizer) in AUTO_GRADIENTS and type(optimizer) in GRADIENT_UPKEEP
+            return "gradients" if cheaper and not caps.gradients else "weights"
         if upkeep == "gradients" and caps.gradients and caps.regrowth:
             raise ValueError(
                 f"attach(upkeep='gradients') masks the gradients of pruned weights, but sparsifier "
