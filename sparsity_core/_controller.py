@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -26,6 +26,17 @@ STATE_VERSION = 2
 SPOT_CHECK = 1024
 #: Tensors of at most this many elements are re-masked together, one foreach multiply per dtype.
 SMALL_TENSOR = 4096
+
+#: ``attach(upkeep=...)``: how pruned weights are kept at zero through optimizer steps.
+Upkeep = Literal["auto", "weights", "gradients"]
+#: Optimizer classes (exactly these, not subclasses) for which masking gradients and zeroing the
+#: state once per mask update was verified to keep pruned weights exactly zero (tests/test_upkeep.py).
+GRADIENT_UPKEEP: frozenset[type] = frozenset({torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW})
+#: The verified classes for which ``upkeep="auto"`` picks ``"gradients"`` because it measured
+#: cheaper. None today: both paths are one pass over the masked tensors' bytes and measured within
+#: noise of each other (benchmarks/upkeep.py, docs/upkeep.md), and "gradients" pays that pass once
+#: per backward (each accumulated micro-batch) where "weights" pays it once per step.
+AUTO_GRADIENTS: frozenset[type] = frozenset()
 
 _Fused = Callable[[Mapping[str, torch.Tensor], Mapping[str, float], dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 
@@ -151,6 +162,7 @@ class SparsityController:
         self.masks: dict[str, torch.Tensor] = {}
         self.t: float | None = None
         self._hooks: list[Any] = []
+        self._grad_hooked: set[int] = set()  # ids of the parameters whose gradients are masked
         self._optimizers: list[torch.optim.Optimizer] = []  # attached: their state follows the masks
         self._plan: tuple[dict[str, torch.Tensor], list[tuple[Any, Any]]] | None = None
         #: Zero the attached optimizers' state of pruned entries at each mask update. A caller
@@ -362,8 +374,23 @@ class SparsityController:
             and _still_masked(tensor, mask)
         )
 
-    def attach(self, optimizer: torch.optim.Optimizer, *, gradients: bool = True) -> Any:
-        """Re-apply the masks after every ``optimizer.step()``; returns the removable handle.
+    def attach(
+        self, optimizer: torch.optim.Optimizer, *, gradients: bool = True, upkeep: Upkeep = "weights"
+    ) -> Any:
+        """Keep pruned weights at zero through ``optimizer``'s steps; returns the removable handle.
+
+        ``upkeep`` says how: ``"weights"`` (default) re-applies the masks after every
+        ``optimizer.step()`` (a step post-hook: one pass over the masked weights, whatever the
+        optimizer does); ``"gradients"`` multiplies each covered parameter's gradient by its mask
+        as it is accumulated (a post-accumulate-grad hook) and zeroes the optimizer's state of
+        pruned entries at each mask update (and after ``optimizer.load_state_dict``), so an
+        element-wise optimizer leaves pruned weights exactly zero without touching the weights
+        each step (verified for SGD, Adam and AdamW: :data:`GRADIENT_UPKEEP`); ``"auto"`` picks
+        ``"gradients"`` only for a verified class where it measured cheaper (:data:`AUTO_GRADIENTS`,
+        empty today: the two cost the same pass) and never when the sparsifier needs gradients (it
+        would see them masked), ``"weights"`` otherwise. With
+        ``"gradients"``, weights written outside the optimizer (a manual ``.data`` write) are not
+        re-zeroed until the next mask update; see docs/upkeep.md for the measurements.
 
         For a sparsifier that needs gradients (``capabilities.gradients``) and ``gradients=True``,
         a step pre-hook also hands it each covered parameter of this optimizer and its
@@ -371,18 +398,62 @@ class SparsityController:
         optimizers (LBFGS) compute gradients inside ``step``: call :meth:`observe_gradients` in the
         closure instead. Lightning's callbacks deliver gradients from ``on_before_optimizer_step``
         and pass ``gradients=False``."""
+        mode = self._upkeep_for(optimizer, upkeep)
         if gradients and self.sparsifier.capabilities.gradients:
 
             def deliver(opt: torch.optim.Optimizer, *_: Any) -> None:  # a pre-hook must return None
                 self.observe_gradients(opt)
 
             self._hooks.append(optimizer.register_step_pre_hook(deliver))
-        handle = optimizer.register_step_post_hook(lambda *_: self.apply_masks())
+        if mode == "weights":
+            handle = optimizer.register_step_post_hook(lambda *_: self.apply_masks())
+        else:
+            # the state is zeroed at each mask update; a state loaded later (a resume) is zeroed too
+            handle = optimizer.register_load_state_dict_post_hook(lambda opt: self._mask_state_of(opt))
+            self._hook_gradients(optimizer)
         self._hooks.append(handle)
         if not any(o is optimizer for o in self._optimizers):
             self._optimizers.append(optimizer)
         self._mask_optimizer_state(self.masks)
         return handle
+
+    def _upkeep_for(self, optimizer: torch.optim.Optimizer, upkeep: str) -> str:
+        caps = self.sparsifier.capabilities
+        if upkeep == "auto":
+            cheaper = type(optimizer) in AUTO_GRADIENTS and type(optimizer) in GRADIENT_UPKEEP
+            return "gradients" if cheaper and not caps.gradients else "weights"
+        if upkeep == "gradients" and caps.gradients and caps.regrowth:
+            raise ValueError(
+                f"attach(upkeep='gradients') masks the gradients of pruned weights, but sparsifier "
+                f"{self.sparsifier.name!r} regrows weights from gradients; use upkeep='weights'"
+            )
+        if upkeep not in ("weights", "gradients"):
+            raise ValueError(f"attach: upkeep must be 'auto', 'weights' or 'gradients', got {upkeep!r}")
+        return upkeep
+
+    def _hook_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """One post-accumulate-grad hook per covered parameter of ``optimizer`` (once per parameter,
+        however many optimizers hold it): the gradient is multiplied by the mask in force when the
+        hook runs, so a mask update needs no new hooks."""
+        if self.owners:
+            self._follow_live_parameters()
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for name, tensor in self.tensors.items():
+            if id(tensor) not in held or id(tensor) in self._grad_hooked or not tensor.requires_grad:
+                continue
+            self._grad_hooked.add(id(tensor))
+            self._hooks.append(tensor.register_post_accumulate_grad_hook(functools.partial(self._mask_gradient, name)))
+
+    def _mask_gradient(self, name: str, param: torch.Tensor) -> None:
+        mask = self.masks.get(name)
+        grad = param.grad
+        if mask is not None and grad is not None and self._prunes(name, mask):
+            with torch.no_grad():
+                apply_mask_(grad, mask)
+
+    def _mask_state_of(self, optimizer: torch.optim.Optimizer) -> None:
+        with torch.no_grad():
+            self._mask_optimizer_state(self.masks, [optimizer])
 
     def observe_gradients(
         self, optimizer: torch.optim.Optimizer | None = None, parameters: Mapping[str, torch.Tensor] | None = None
@@ -410,6 +481,7 @@ class SparsityController:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        self._grad_hooked.clear()
         self._optimizers = []
 
     def squash(self) -> None:
@@ -441,20 +513,23 @@ class SparsityController:
         """Zero the attached optimizers' state (momentum, Adam's moments) of every pruned entry."""
         self._mask_optimizer_state(self.masks)
 
-    def _mask_optimizer_state(self, masks: Mapping[str, torch.Tensor]) -> None:
+    def _mask_optimizer_state(
+        self, masks: Mapping[str, torch.Tensor], optimizers: list[torch.optim.Optimizer] | None = None
+    ) -> None:
         """Zero the optimizer state of pruned entries (momentum buffers, Adam's moments: every
         state tensor shaped like its parameter) for the optimizers this controller is attached to."""
-        if not self._optimizers or not masks:
+        optimizers = self._optimizers if optimizers is None else optimizers
+        if not optimizers or not masks:
             return
         by_param = {id(self.tensors[n]): m for n, m in masks.items()}
-        for optimizer in self._optimizers:
+        for optimizer in optimizers:
             for param, state in optimizer.state.items():
                 mask = by_param.get(id(param))
                 if mask is None:
                     continue
                 for value in state.values():
                     if isinstance(value, torch.Tensor) and value.shape == mask.shape:
-                        value.mul_(mask.to(value.device))
+                        apply_mask_(value, mask.to(value.device))  # NumPy on CPU: ~10x torch's bool mul_
 
     def _follow_live_parameters(self) -> None:
         """Masks follow the live parameter when a module's parameter was replaced by a new object
