@@ -175,8 +175,10 @@ def test_an_optimizer_that_adds_noise_defeats_gradient_upkeep_and_auto_avoids_it
 @pytest.mark.parametrize(
     ("factory", "cheaper_by_gradients", "expected"),
     [
-        (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), False, "weights"),  # today's table
+        (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), False, "gradients"),  # the measured table
+        (lambda p: torch.optim.Adam(p, lr=1e-2), False, "weights"),
         (lambda p: torch.optim.AdamW(p, lr=1e-2), False, "weights"),
+        (lambda p: NoisySGD(p, lr=0.05), False, "weights"),
         (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), True, "gradients"),
         (lambda p: torch.optim.Adam(p, lr=1e-2), True, "gradients"),
         (lambda p: torch.optim.AdamW(p, lr=1e-2), True, "gradients"),
@@ -187,6 +189,7 @@ def test_an_optimizer_that_adds_noise_defeats_gradient_upkeep_and_auto_avoids_it
 def test_auto_masks_gradients_only_for_verified_classes_measured_cheaper(
     factory: Factory, cheaper_by_gradients: bool, expected: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    assert _controller.AUTO_GRADIENTS <= _controller.GRADIENT_UPKEEP  # auto picks only verified classes
     if cheaper_by_gradients:  # as if the measurements had found "gradients" cheaper for every class
         monkeypatch.setattr(_controller, "AUTO_GRADIENTS", frozenset({torch.optim.SGD, torch.optim.Adam,
                                                                       torch.optim.AdamW, torch.optim.RMSprop, NoisySGD}))
@@ -217,10 +220,10 @@ class GradientRegrowth(ScoreSparsifier):
         return tensor.abs()
 
 
-def test_auto_keeps_weights_for_a_sparsifier_that_needs_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_keeps_weights_for_a_sparsifier_that_needs_gradients() -> None:
     """Such a sparsifier must see the gradients of pruned weights: auto leaves them unmasked, and
     asking for "gradients" with one that regrows from them is refused by name."""
-    monkeypatch.setattr(_controller, "AUTO_GRADIENTS", frozenset({torch.optim.SGD}))
+    assert torch.optim.SGD in _controller.AUTO_GRADIENTS
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     c = SparsityController(model, GradientRegrowth, {"sparsity_level": 0.5})
