@@ -450,7 +450,10 @@ class SparsityController:
         grad = param.grad
         if mask is not None and grad is not None and self._prunes(name, mask):
             with torch.no_grad():
-                apply_mask_(grad, mask)
+                if grad.layout is torch.strided:
+                    apply_mask_(grad, mask)
+                else:  # a sparse gradient (nn.Embedding(sparse=True)) stays sparse
+                    param.grad = grad * mask
 
     def _mask_state_of(self, optimizer: torch.optim.Optimizer) -> None:
         with torch.no_grad():

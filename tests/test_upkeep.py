@@ -269,6 +269,23 @@ def test_squash_removes_gradient_hooks() -> None:
     assert all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
 
 
+def test_sparse_embedding_gradients_are_masked_and_stay_sparse() -> None:
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 8, sparse=True)
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+    c = SparsityController({"weight": emb.weight}, "magnitude", {"sparsity_level": 0.7})
+    c.step()
+    c.attach(opt, upkeep="gradients")
+    for i in range(5):
+        opt.zero_grad()
+        (emb(torch.arange(i, 50, 3)) - 1).square().sum().backward()
+        assert emb.weight.grad is not None and emb.weight.grad.is_sparse
+        opt.step()
+        assert pruned_nonzero(c) == 0
+    assert bool(emb.weight.detach()[c.masks["weight"]].ne(0).all())
+    c.detach()
+
+
 def test_unknown_upkeep_is_refused_by_name() -> None:
     model = mlp()
     c = SparsityController(model, "magnitude", {"sparsity_level": 0.8})
