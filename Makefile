@@ -40,6 +40,7 @@ bench: install
 	$(PY) benchmarks/sparsegpt.py
 	$(PY) benchmarks/deploy.py
 	$(PY) benchmarks/quality.py
+	$(PY) benchmarks/upkeep.py
 
 clean:
 	rm -rf .venv build *.egg-info lightning_logs out

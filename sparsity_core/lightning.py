@@ -477,6 +477,12 @@ class TrainingAwareSparsity(_SparsityCallback):
             kept weights are reset to their values at ``"init"`` (train start) or at progress
             ``k`` (in the scheduler's unit; updates before ``k`` do not rewind). The saved weights
             ride in the checkpoint. Default: no rewinding.
+        upkeep: How pruned weights stay zero between mask updates (see
+            :meth:`~sparsity_core.SparsityController.attach`): ``"weights"`` re-applies the masks
+            after every optimizer step (any optimizer); ``"gradients"`` masks the gradients and the
+            optimizer state instead (SGD, Adam, AdamW; cheaper-or-equal without gradient
+            accumulation, and clipping then sees the kept weights' gradients only); ``"auto"``
+            picks per optimizer.
         log_sparsity: At each epoch end, log ``sparsity/overall`` (``sparsity/<submodule>/overall``
             when one is named) through ``pl_module.log`` (so it can be monitored) and
             ``sparsity/<parameter name in the LightningModule>`` to the loggers, from rank zero.
@@ -497,6 +503,7 @@ class TrainingAwareSparsity(_SparsityCallback):
         calibration_inputs: Callable[[Any], Any] | None = None,
         sequential: str | list[str] | None = None,
         rewind_to: Union[Literal["init"], int, None] = None,
+        upkeep: Literal["auto", "weights", "gradients"] = "weights",
         log_sparsity: bool = True,
         verbose: bool = True,
     ) -> None:
@@ -522,7 +529,10 @@ class TrainingAwareSparsity(_SparsityCallback):
                     f"before its first mask update, but the {self._scheduler_cls.name!r} schedule asks for level "
                     f"{first:g} at train start; start it later (scheduler_args={{'start': 1, ...}})"
                 )
+        if upkeep not in ("auto", "weights", "gradients"):
+            raise ValueError(f"{type(self).__name__}: upkeep must be 'auto', 'weights' or 'gradients', got {upkeep!r}")
         self.rewind_to = rewind_to
+        self.upkeep = upkeep
         #: The weights kept weights are rewound to (``rewind_to``), once taken.
         self._rewind_weights: dict[str, torch.Tensor] | None = None
         self.scheduler = scheduler
@@ -558,7 +568,7 @@ class TrainingAwareSparsity(_SparsityCallback):
             self.controller.detach()
             for optimizer in trainer.optimizers:
                 # gradients are delivered from on_before_optimizer_step: after the closure's backward
-                self.controller.attach(optimizer, gradients=False)
+                self.controller.attach(optimizer, gradients=False, upkeep=self.upkeep)
         else:
             if self.controller is None or self._network_ref is not network:
                 # One copy for the whole fit, refreshed in place at each epoch end.

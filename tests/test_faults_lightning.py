@@ -92,3 +92,25 @@ def test_a_second_fit_with_keep_masks_continues_from_the_sparse_state() -> None:
     assert cb.controller.report().overall >= first
     for name, was_pruned in pruned.items():
         assert bool((module.model.get_parameter(name)[was_pruned] == 0).all())
+
+
+def test_gradient_upkeep_keeps_pruned_weights_zero_through_a_fit() -> None:
+    module = Net()
+    seen: list[float] = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            c = cb.controller
+            if c is not None and c.masks:
+                w, m = pl_module.model[0].weight, c.masks["0.weight"]
+                seen.append(float(w.detach()[~m].abs().max()))
+                # the gradient path, not the weights one: no step post-hook, a hook on the gradient
+                assert not trainer.optimizers[0]._optimizer_step_post_hooks
+                assert w._post_accumulate_grad_hooks
+
+    cb = TrainingAwareSparsity("magnitude", {"sparsity_level": 0.7}, "linear", {"start": 0, "end": 2},
+                               upkeep="gradients", keep_masks=True, verbose=False, log_sparsity=False)
+    trainer(3, [cb, Watch()]).fit(module, data())
+    assert seen and max(seen) == 0.0  # no step moved a pruned weight, with no pass over the weights
+    # the gradient hooks are gone once training ends (keep_masks detaches them)
+    assert all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in module.parameters())
