@@ -83,9 +83,22 @@ def _describe(impl: Implementation) -> dict[str, Any]:
         "summary": _summary(impl.cls),
         "doc": inspect.getdoc(impl.cls) or "",
         "needs_calibration": bool(getattr(impl.cls, "needs_calibration", False)),
+        **({"capabilities": caps.to_dict()} if (caps := getattr(impl.cls, "capabilities", None)) is not None else {}),
         "fields": _field_rows(impl.cls.Spec),
         "schema": impl.cls.Spec.model_json_schema(),
     }
+
+
+def _capabilities_line(caps: dict[str, Any] | None) -> str:
+    """What a sparsifier declares, in words (``sparsity show``)."""
+    if caps is None:
+        return ""
+    words = [k for k in ("calibration", "gradients", "reconstruction", "regrowth", "allocates_levels", "shard_safe") if caps.get(k)]
+    if caps.get("layer_kinds") is not None:
+        words.append("layer kinds: " + ", ".join(caps["layer_kinds"]))
+    if caps.get("tensor_ranks") is not None:
+        words.append("tensor ranks: " + ", ".join(map(str, caps["tensor_ranks"])))
+    return "\n[bold]capabilities[/]: " + (", ".join(words) if words else "none (scores weights alone; any tensor)")
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -180,7 +193,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             f"{info['doc'] or '(no docstring)'}\n\n"
             f"[bold]provided by[/] plugin {info['plugin']} ({dist}) as [bold]{info['qualified_name']}[/]\n"
             f"[bold]class[/] {info['class']}"
-            + ("\n[bold]needs calibration[/]: yes" if info["needs_calibration"] else ""),
+            + _capabilities_line(info.get("capabilities")),
             title=f"{info['kind']} {info['name']}",
             title_align="left",
         )

@@ -113,3 +113,11 @@ def test_show_prints_the_whole_json_schema_in_a_narrow_terminal():
     schema = json.loads(run("show", "magnitude", "--json").stdout)["schema"]
     out = run("show", "magnitude", env={"COLUMNS": "40"}).stdout
     assert json.loads(out.split("JSON schema:", 1)[1]) == schema
+
+
+def test_show_says_what_a_sparsifier_declares():
+    caps = json.loads(run("show", "movement", "--json").stdout)["capabilities"]
+    assert caps["gradients"] is True and caps["calibration"] is False
+    text = run("show", "sparsegpt").stdout
+    assert "capabilities" in text and "reconstruction" in text and "layer kinds" in text
+    assert "none (scores weights alone" in run("show", "magnitude").stdout
