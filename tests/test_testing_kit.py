@@ -367,7 +367,7 @@ def test_parametrize_with_checks_makes_one_named_test_per_check(tmp_path) -> Non
             check()
         """,
     )
-    assert "21 passed, 8 skipped" in out, out  # an inverted *score* is consistent: the kit cannot know the intent
+    assert "22 passed, 8 skipped" in out, out  # an inverted *score* is consistent: the kit cannot know the intent
     assert "PASSED test_generated_kit_use.py::test_kit[inverted-pattern_channel]" in out
     # a check that does not apply is its own test too, skipped with the reason
     assert "inverted needs no gradients (capabilities.gradients is False)" in out, out
@@ -401,7 +401,7 @@ SCORE_CHECKS = {
     "level_unstructured_layer", "level_unstructured_global", "pattern_block_1x4", "pattern_nm_2_4", "pattern_channel",
     "importance_order_layer", "importance_order_global",
 }
-COMMON_CHECKS = {"masks_boolean_and_shaped", "levels_zero_and_one", "inputs_not_modified", "deterministic", "state_roundtrip", "bfloat16", "tensor_ranks_1d_4d", "mapping_target"}
+COMMON_CHECKS = {"masks_boolean_and_shaped", "levels_zero_and_one", "inputs_not_modified", "nested_masks", "deterministic", "state_roundtrip", "bfloat16", "tensor_ranks_1d_4d", "mapping_target"}
 
 
 def _outcomes(report: KitReport) -> tuple[set[str], set[str], set[str]]:
@@ -425,11 +425,15 @@ class LeastSquares(Sparsifier):
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
         self.gram[name] = self.gram[name] + x.T @ x if name in self.gram else x.T @ x
 
-    def masks(self, name, tensor, level):
+    def masks(self, name, tensor, level, context=None):
         if name not in self.gram:
             raise RuntimeError(f"least_squares has no inputs for {name!r}: it needs calibration batches")
         score = tensor.double().abs() * self.gram[name].diagonal().sqrt()
         k = round(level * tensor.numel())
+        current = context.current.get(name) if context is not None else None
+        if current is not None:  # nested: what is pruned stays pruned (and counts toward the level)
+            score = score.masked_fill(~current, -float("inf"))
+            k = max(k, int((~current).sum()))
         keep = torch.ones(tensor.numel(), dtype=torch.bool)
         keep[score.reshape(-1).argsort()[:k]] = False
         return keep.view(tensor.shape)
@@ -446,7 +450,7 @@ class LeastSquares(Sparsifier):
         return new
 
     def compute_masks(self, tensors, levels, context=None):
-        masks = {n: self.masks(n, t, levels[n]) for n, t in tensors.items()}
+        masks = {n: self.masks(n, t, levels[n], context) for n, t in tensors.items()}
         weights = {n: self.refit(n, t, masks[n]).to(t.dtype) for n, t in tensors.items()}
         return Reconstruction(masks, weights)
 
@@ -469,7 +473,7 @@ class MakesErrorWorse(LeastSquares):
     name = "makes_error_worse"
 
     def compute_masks(self, tensors, levels, context=None):
-        masks = {n: self.masks(n, t, levels[n]) for n, t in tensors.items()}
+        masks = {n: self.masks(n, t, levels[n], context) for n, t in tensors.items()}
         return Reconstruction(masks, {n: t * masks[n] * 1.5 for n, t in tensors.items()})
 
 
@@ -503,7 +507,8 @@ def test_a_correct_reconstruction_passes_its_own_rules() -> None:
     assert not failed, str(report)
     assert passed == SPEC_CHECKS | {
         "masks_boolean_and_shaped", "level_reached", "levels_zero_and_one", "inputs_not_modified", "reconstruction_result",
-        "reconstruction_error", "deterministic", "state_roundtrip", "bfloat16", "calibration_required", "calibration_reset",
+        "reconstruction_error", "nested_masks", "deterministic", "state_roundtrip", "bfloat16", "calibration_required",
+        "calibration_reset",
     }, str(report)
     assert report.skips == RECONSTRUCTION_SKIPS, str(report)
     # compute_masks still may not write its inputs; the step itself is the reconstruction checks' business
@@ -696,8 +701,12 @@ def _global_channel_masks(tensors, levels, context):
     while that brings the pruned count closer to the overall target."""
     rows = []
     for name, t in tensors.items():
-        m = (context.layout(name, t) if context is not None else generic_layout()).matrix(t)
-        rows += [(float(m[i].abs().mean()), m.shape[1], name, i) for i in range(m.shape[0])]
+        layout = context.layout(name, t) if context is not None else generic_layout()
+        m = layout.matrix(t)
+        current = context.current.get(name) if context is not None else None
+        hit = (~layout.matrix(current)).any(1) if current is not None else torch.zeros(m.shape[0], dtype=torch.bool)
+        # nested: a row holding a pruned weight is pruned again first
+        rows += [(-float("inf") if hit[i] else float(m[i].abs().mean()), m.shape[1], name, i) for i in range(m.shape[0])]
     target = sum(levels[n] * t.numel() for n, t in tensors.items())
     pruned, chosen = 0, set()
     for score, size, name, i in sorted(rows):
@@ -798,3 +807,36 @@ def test_nm_on_a_conv_weight_runs_along_its_input_channels() -> None:
     failure = check_sparsifier(GenericNM, checks=["tensor_ranks_1d_4d"]).failures["tensor_ranks_1d_4d"]
     assert failure.startswith("conv probe, 2:4: '0.weight' keeps ")
     assert "along its reduction axis (conv layout, matrix view (8, 36))" in failure
+
+
+class Reviver(Sparsifier):
+    """Takes the context, ignores its current masks: weights pruned earlier come back."""
+
+    name = "reviver"
+
+    def compute_masks(self, tensors, levels, context=None):
+        masks = {}
+        for n, t in tensors.items():
+            k = round(levels[n] * t.numel())
+            keep = torch.ones(t.numel(), dtype=torch.bool)
+            keep[t.detach().abs().reshape(-1).argsort()[:k]] = False
+            masks[n] = keep.view(t.shape)
+        return masks
+
+
+def test_ignoring_the_current_masks_fails_exactly_nested_masks() -> None:
+    report = check_sparsifier(Reviver)
+    assert set(report.failed) == {"nested_masks"}, str(report)
+    assert "pruned by the current mask are kept again" in report.failures["nested_masks"]
+
+
+def test_a_regrowing_sparsifier_skips_nested_masks_with_the_reason() -> None:
+    class Regrows(Reviver):
+        """The same, declaring regrowth."""
+
+        name = "regrows"
+        capabilities = Capabilities(regrowth=True)
+
+    report = check_sparsifier(Regrows)
+    assert not report.failed, str(report)
+    assert report.skips["nested_masks"] == "regrows declares regrowth: pruned weights may come back"

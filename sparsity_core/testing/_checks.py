@@ -777,6 +777,37 @@ def check_reconstruction_error(subject: Subject) -> None:
 
 
 @_check(["sparsifier"])
+def check_nested_masks(subject: Subject) -> None:
+    """Told the current masks (context.current), a sparsifier that does not declare regrowth keeps
+    every currently pruned weight pruned (the level checks check the level)."""
+    caps = subject.cls.capabilities
+    if caps.regrowth:
+        raise CheckSkipped(f"{subject.label} declares regrowth: pruned weights may come back")
+    setup = _prepare(subject, _probes.mlp(subject.seed))
+    if not _accepts_context(setup.sparsifier):
+        raise CheckSkipped(
+            f"{subject.label}'s compute_masks takes no context (v1): the core keeps its pruned weights pruned "
+            f"by intersecting masks"
+        )
+    tensors = setup.controller.tensors
+    gen = torch.Generator().manual_seed(subject.seed + 7)
+    # an earlier mask of its own that it would not choose now: made at 0.3 from randomly rescaled
+    # weights (so it has the sparsifier's own structure: rows, blocks, groups)
+    scaled = {n: (t.detach() * (torch.rand(t.shape, generator=gen) ** 3 + 0.01).to(t.dtype)).contiguous() for n, t in tensors.items()}
+    current, _ = _split_result(setup.sparsifier, _compute(setup.sparsifier, scaled, dict.fromkeys(tensors, 0.3), setup.selection.layouts))
+    current = dict(current)
+    levels = dict.fromkeys(tensors, 0.5)
+    masks, _ = _split_result(setup.sparsifier, _compute(setup.sparsifier, tensors, levels, setup.selection.layouts, current))
+    _assert_masks_valid(masks, tensors)
+    for name, keep in current.items():
+        revived = int((masks[name] & ~keep).sum())
+        assert not revived, (
+            f"{name!r}: {revived} weights pruned by the current mask are kept again; keep context.current's pruned "
+            f"weights pruned, or declare capabilities.regrowth"
+        )
+
+
+@_check(["sparsifier"])
 def check_deterministic(subject: Subject) -> None:
     """The same seed gives the same masks (construct, calibrate and compute twice)."""
     runs = []
