@@ -339,3 +339,32 @@ def test_numpy_bit_order_is_compressed_tensors(tmp_path):
     w[0, [0, 9]] = 1.0
     assert pack(w)["bitmask"].tolist() == [[1, 2]]
     assert np.unpackbits(pack(w)["bitmask"].numpy(), bitorder="little").nonzero()[0].tolist() == [0, 9]
+
+
+def test_a_tied_tensor_is_written_once_and_loads_under_every_name(tmp_path):
+    import torch
+    from torch import nn
+
+    from sparsity_core import load_sparse, save_sparse, sparsify
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(256, 64)
+            self.body = nn.Linear(64, 64)
+            self.head = nn.Linear(64, 256, bias=False)
+            self.head.weight = self.emb.weight  # GPT-2's lm_head = wte
+
+    torch.manual_seed(0)
+    model = Tied()
+    sparsify(model, "magnitude", {"sparsity_level": 0.9, "include": ["emb.weight", "body.weight"]})
+    saved = save_sparse(model, tmp_path / "tied.safetensors")
+    assert saved.storage["head.weight"] == "alias"
+    # the dense reference holds the tied tensor once, like a safetensors file of the model would
+    assert saved.dense_bytes == sum(t.numel() * t.element_size() for t in model.parameters())
+    assert saved.file_bytes < 0.2 * saved.dense_bytes
+    loaded = load_sparse(tmp_path / "tied.safetensors")
+    assert torch.equal(loaded["head.weight"], model.head.weight) and loaded["head.weight"] is loaded["emb.weight"]
+    fresh = Tied()
+    fresh.load_state_dict(loaded)
+    assert fresh.head.weight is fresh.emb.weight and torch.equal(fresh.emb.weight, model.emb.weight)

@@ -46,10 +46,11 @@ def check_json(info: dict, fmt: str) -> None:
     assert set(rows) == set(state())
     assert rows["fc1.weight"]["zeros"] == 256 and rows["fc1.weight"]["sparsity"] == 0.5
     assert rows["fc1.weight"]["two_four"] is True and "1:4" not in rows["fc1.weight"]["nm"]
-    assert rows["fc2.weight"]["two_four"] is False and rows["fc2.weight"]["nm"] == []
+    # 2:4 along dim 0 only: a transformers Conv1D's input axis, reported as such
+    assert rows["fc2.weight"]["two_four"] is True and "2:4 (dim 0)" in rows["fc2.weight"]["nm"]
     assert rows["conv.weight"]["nm"] is None and rows["conv.weight"]["zeros"] == 36  # rank 4: no verdict
     assert rows["fc1.bias"]["zeros"] == 0 and rows["fc1.bias"]["nm"] is None
-    assert info["two_four"] == ["fc1.weight"] and "last dim" in info["nm_axis"]
+    assert info["two_four"] == ["fc1.weight", "fc2.weight"] and "last dim" in info["nm_axis"]
     expected = sum(int((t == 0).sum()) for t in state().values()) / sum(t.numel() for t in state().values())
     assert info["overall"] == pytest.approx(expected)
 
@@ -176,3 +177,16 @@ def test_nm_patterns_along_the_last_dim():
     assert nm_patterns(torch.ones(2, 8)) == ()
     assert nm_patterns(torch.ones(2, 6)[:, :6] * torch.tensor([1.0, 0, 1, 0, 1, 0])) == ("1:2",)  # 6 % 4 != 0
     assert nm_patterns(torch.ones(8)) is None and nm_patterns(torch.ones(2, 2, 4)) is None
+
+
+def test_n_m_along_dim_0_is_found_for_conv1d_layouts():
+    import torch
+
+    from sparsity_core.deploy._inspect import nm_patterns
+
+    w = torch.randn(8, 6)  # [in, out] as transformers' Conv1D stores it
+    keep = torch.zeros(8, 6, dtype=torch.bool)
+    keep[0::4] = True
+    keep[1::4] = True  # 2 of every 4 consecutive inputs, for every output
+    assert nm_patterns(w * keep) == ("2:4 (dim 0)", "4:8 (dim 0)")
+    assert nm_patterns((w * keep).t().contiguous())[:1] == ("2:4",)

@@ -161,7 +161,17 @@ def save_sparse(model_or_state_dict: nn.Module | Mapping[str, Tensor], path: str
     entries: list[dict[str, Any]] = []
     storage: dict[str, str] = {}
     seen_storage: set[int] = set()
+    first_of: dict[tuple[Any, ...], str] = {}
     for name, t in tensors.items():
+        # a tied tensor (GPT-2's lm_head.weight is transformer.wte.weight) is written once; its
+        # other names are aliases in the metadata and load back as that one tensor
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype) if t.numel() else None
+        if key is not None and key in first_of:
+            entries.append({"name": name, "storage": "alias", "of": first_of[key]})
+            storage[name] = "alias"
+            continue
+        if key is not None:
+            first_of[key] = name
         keys = [f"{prefix_of(name)}.{s}" for s in SUFFIXES]
         # a generated key may not shadow a real name or another tensor's key: store that one dense
         if _should_compress(t) and not any(k in names or k in out for k in keys):
@@ -191,7 +201,8 @@ def save_sparse(model_or_state_dict: nn.Module | Mapping[str, Tensor], path: str
     }
     path = Path(path)
     save_file(out, os.fspath(path), metadata=metadata)
-    dense_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    # what a dense file holds: each tensor once (tied names share one tensor, as in safetensors' own files)
+    dense_bytes = sum(t.numel() * t.element_size() for n, t in tensors.items() if storage[n] != "alias")
     return SavedFile(path, storage, dense_bytes, path.stat().st_size)
 
 
@@ -277,8 +288,12 @@ def _entries(reader: _Reader) -> list[dict[str, Any]]:
             raise reader.fail(f"metadata {META_TENSORS!r} has an entry without a name: {entry!r}")
         if entry.get("storage") == "dense":
             continue
+        if entry.get("storage") == "alias":
+            if not isinstance(entry.get("of"), str):
+                raise reader.fail(f"alias entry without the name it stands for: {entry!r}", name)
+            continue
         if entry.get("storage") != LAYOUT:
-            raise reader.fail(f"unknown storage {entry.get('storage')!r} (expected 'dense' or {LAYOUT!r})", name)
+            raise reader.fail(f"unknown storage {entry.get('storage')!r} (expected 'dense', 'alias' or {LAYOUT!r})", name)
         shape = entry.get("shape")
         if (not isinstance(shape, list) or not shape
                 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
@@ -331,6 +346,11 @@ def load_sparse(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         name = entry["name"]
         if name in result:
             raise reader.fail("listed twice in the metadata", name)
+        if entry["storage"] == "alias":
+            if entry["of"] not in result:
+                raise reader.fail(f"an alias of {entry['of']!r}, which is not listed before it", name)
+            result[name] = result[entry["of"]]
+            continue
         if entry["storage"] == "dense":
             if name not in reader.keys:
                 raise reader.fail("listed as dense but absent from the file", name)

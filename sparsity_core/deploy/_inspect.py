@@ -4,8 +4,9 @@ Formats: a safetensors file (ours, compressed, or any other: read through :func:
 which also decompresses compressed-tensors' sparse-bitmask groups), a Lightning checkpoint (its
 ``state_dict``) or a torch state dict, both read with ``torch.load(weights_only=True)``.
 A file holds tensors, not modules, so N:M patterns are judged along the last dim of 2-D tensors
-(the input axis of ``nn.Linear``'s ``[out, in]``; a transformers ``Conv1D`` stores ``[in, out]``,
-so its verdict would be along the wrong axis); tensors of other ranks get no verdict.
+(the input axis of ``nn.Linear``'s ``[out, in]``), and, where none holds there, along dim 0 (the
+input axis of a transformers ``Conv1D``, which stores ``[in, out]``), marked ``(dim 0)``; tensors
+of other ranks get no verdict.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from ._format import load_sparse, storage_of
 
 PATTERNS: Final = ((1, 2), (1, 4), (2, 4), (2, 8), (4, 8))
 AXIS_NOTE: Final = (
-    "N:M along the last dim of 2-D tensors: a file carries no module types, so the reduction axis of "
-    "nn.Linear's [out, in] is assumed (a transformers Conv1D stores [in, out]); other ranks get none"
+    "N:M along the last dim of 2-D tensors (the reduction axis of nn.Linear's [out, in]) or, marked "
+    "'(dim 0)', along dim 0 (that of a transformers Conv1D's [in, out]): a file carries no module types; "
+    "other ranks get none"
 )
 
 
@@ -84,16 +86,28 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[str, dict[str, Tensor
     return fmt, tensors, {}
 
 
+def _met(nonzero: Tensor) -> list[str]:
+    rows, cols = nonzero.shape
+    return [
+        f"{n}:{m}" for n, m in PATTERNS
+        if cols % m == 0 and nonzero.numel() and bool((nonzero.reshape(rows, -1, m).sum(-1) <= n).all())
+    ]
+
+
 def nm_patterns(t: Tensor) -> tuple[str, ...] | None:
-    """The N:M patterns of :data:`PATTERNS` that ``t`` (2-D) meets along its last dim."""
+    """The N:M patterns of :data:`PATTERNS` that ``t`` (2-D) meets along its last dim, or, where
+    none does, along dim 0 (marked ``"(dim 0)"``: a transformers ``Conv1D`` weight is ``[in, out]``)."""
     if t.dim() != 2 or t.is_complex():
         return None
     nonzero = t != 0
-    met = []
-    for n, m in PATTERNS:
-        if t.shape[1] % m == 0 and t.numel() and bool((nonzero.reshape(t.shape[0], -1, m).sum(-1) <= n).all()):
-            met.append(f"{n}:{m}")
+    met = _met(nonzero)
+    if not met:
+        met = [f"{p} (dim 0)" for p in _met(nonzero.t().contiguous())]
     return tuple(met)
+
+
+def _two_four(patterns: tuple[str, ...] | None) -> bool:
+    return bool(patterns) and any(p.split()[0] == "2:4" for p in patterns)  # type: ignore[union-attr]
 
 
 def inspect_checkpoint(path: str | os.PathLike[str]) -> tuple[str, list[TensorStats]]:
@@ -126,7 +140,7 @@ def to_json(path: str | os.PathLike[str], fmt: str, stats: list[TensorStats]) ->
         "overall": _overall(stats),
         "weights_overall": _overall(matrices),
         "nm_axis": AXIS_NOTE,
-        "two_four": [s.name for s in stats if s.patterns and "2:4" in s.patterns],
+        "two_four": [s.name for s in stats if _two_four(s.patterns)],
         "tensors": [
             {
                 "name": s.name,
@@ -137,7 +151,7 @@ def to_json(path: str | os.PathLike[str], fmt: str, stats: list[TensorStats]) ->
                 "sparsity": s.sparsity,
                 "storage": s.storage,
                 "nm": list(s.patterns) if s.patterns is not None else None,
-                "two_four": None if s.patterns is None else "2:4" in s.patterns,
+                "two_four": None if s.patterns is None else _two_four(s.patterns),
             }
             for s in stats
         ],
