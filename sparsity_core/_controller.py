@@ -83,11 +83,22 @@ def _check_tensor(name: str, tensor: torch.Tensor) -> None:
             f"covered tensor {name!r} is on the meta device (no values): materialise the model first, e.g. "
             f"model.to_empty(device='cpu') and load its weights"
         )
-    if type(tensor).__name__ == "DTensor" or hasattr(tensor, "_local_tensor") or getattr(tensor, "_is_flat_param", False):
+    if type(tensor).__name__ == "DTensor" or hasattr(tensor, "_local_tensor"):
         raise ValueError(
-            f"covered tensor {name!r} is sharded ({type(tensor).__name__}): sharded parameters (FSDP, DeepSpeed) "
-            f"are not supported by this version; sparsify the full model before sharding it, or after "
-            f"gathering it"
+            f"covered tensor {name!r} is sharded ({type(tensor).__name__}, e.g. FSDP2's fully_shard): sharded "
+            f"parameters are not supported by this version yet; sparsify the full model before sharding it, or "
+            f"after gathering it"
+        )
+    if getattr(tensor, "_is_flat_param", False) or getattr(tensor, "_fsdp_flattened", False):
+        raise ValueError(
+            f"covered tensor {name!r} is managed by FSDP1 (FullyShardedDataParallel): each rank holds a flat "
+            f"fragment, and masks made from fragments would be wrong (per-fragment levels, N:M groups across "
+            f"rows); sparsify before wrapping the model (FSDP2, fully_shard, is the strategy planned)"
+        )
+    if hasattr(tensor, "ds_id") or hasattr(tensor, "ds_numel"):
+        raise ValueError(
+            f"covered tensor {name!r} is a DeepSpeed ZeRO partition: each rank holds a fragment, and masks made "
+            f"from fragments would be wrong; sparsify before deepspeed.initialize, or with ZeRO stage 0-2"
         )
     if not (tensor.is_floating_point() or tensor.is_complex()):
         raise ValueError(

@@ -202,7 +202,23 @@ def test_a_dtensor_is_refused_naming_the_tensor() -> None:
     try:
         mesh = init_device_mesh("cpu", (1,))
         sharded = distribute_tensor(torch.randn(8, 8), mesh, [Shard(0)])
-        with pytest.raises(ValueError, match=r"'w' is sharded \(DTensor\)"):
+        with pytest.raises(ValueError, match=r"'w' is sharded \(DTensor, e.g. FSDP2's fully_shard\)"):
             sc.SparsityController({"w": sharded}, "magnitude", {"sparsity_level": 0.5})
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("marker", "message"),
+    [
+        ("_fsdp_flattened", r"'0.weight' is managed by FSDP1 \(FullyShardedDataParallel\): each rank holds a flat fragment"),
+        ("_is_flat_param", r"'0.weight' is managed by FSDP1"),
+        ("ds_id", r"'0.weight' is a DeepSpeed ZeRO partition"),
+    ],
+)
+def test_fragments_of_fsdp1_and_deepspeed_are_refused_naming_the_strategy(marker: str, message: str) -> None:
+    # FSDP1 and DeepSpeed cannot run on this CPU machine: their parameters are marked as they mark them
+    model = mlp()
+    setattr(model[0].weight, marker, True)
+    with pytest.raises(ValueError, match=message):
+        sc.SparsityController(model, "magnitude", {"sparsity_level": 0.5})
