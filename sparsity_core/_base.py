@@ -145,11 +145,7 @@ class Sparsifier(_Implementation):
         match any of its names (the aliases are remembered for :meth:`spec_for`). An alias
         included while another is excluded, or two aliases under different overrides, is a
         ValueError naming both."""
-        from ._layers import parse_selector
-
-        spec = self.spec
-        include = None if spec.include is None else [parse_selector(p, "include pattern") for p in spec.include]
-        exclude = [parse_selector(p, "exclude pattern") for p in spec.exclude]
+        include, exclude = self._include_rules, self._exclude_rules
         kinds = kinds or {}
         aliases = aliases or {}
 
@@ -184,10 +180,8 @@ class Sparsifier(_Implementation):
 
     def excludes(self, name: str, kinds: Mapping[str, str | None] | None = None) -> bool:
         """Whether an ``exclude`` pattern matches ``name``."""
-        from ._layers import parse_selector
-
         kind = (kinds or {}).get(name)
-        return any(parse_selector(p, "exclude pattern").matches(name, kind) for p in self.spec.exclude)
+        return any(rule.matches(name, kind) for rule in self._exclude_rules)
 
     def spec_for(self, name: str) -> SparsifierSpec:
         """The spec that applies to ``name``: the first override matching it (or, for a tied
@@ -219,6 +213,18 @@ class Sparsifier(_Implementation):
     @cached_property
     def _resolved_overrides(self) -> list[tuple[str, SparsifierSpec]]:
         return [(p, self.spec.resolve(p, v)) for p, v in self.spec.overrides.items()]
+
+    @cached_property
+    def _include_rules(self) -> list[Any] | None:
+        from ._layers import parse_selector
+
+        return None if self.spec.include is None else [parse_selector(p, "include pattern") for p in self.spec.include]
+
+    @cached_property
+    def _exclude_rules(self) -> list[Any]:
+        from ._layers import parse_selector
+
+        return [parse_selector(p, "exclude pattern") for p in self.spec.exclude]
 
     @cached_property
     def _override_rules(self) -> list[tuple[Any, str, SparsifierSpec]]:

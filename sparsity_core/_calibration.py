@@ -40,16 +40,6 @@ def run_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def to_device(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, dict):
-        return {k: to_device(v, device) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(to_device(v, device) for v in inputs)
-    return inputs
-
-
 def _patterns(sequential: Sequential) -> list[str]:
     if isinstance(sequential, str):
         return [sequential]
@@ -186,28 +176,28 @@ def _chained(model: nn.Module, blocks: list[tuple[str, nn.Module]], batch: Any) 
     return chained
 
 
-def _observing(controller: SparsityController, names: Iterable[str]) -> list[Any]:
+@contextlib.contextmanager
+def _observing(controller: SparsityController, names: Iterable[str]) -> Iterator[None]:
+    """Inside the block, the module owning each named tensor hands its inputs to ``observe``."""
     sparsifier = controller.sparsifier
     handles = []
-    for name in names:
-        module, _ = controller.owners[name]
-        handles.append(module.register_forward_pre_hook(lambda mod, inputs, name=name: sparsifier.observe(name, mod, inputs)))
-    return handles
-
-
-def dense(controller: SparsityController, batches: Iterable[Any]) -> int:
-    """Every batch through the whole model, each covered tensor's module observed."""
-    model = controller.calibration_model
-    handles = _observing(controller, controller.tensors)
-    seen = 0
     try:
-        with torch.no_grad():
-            for batch in batches:
-                run_model(model, batch)
-                seen += 1
+        for name in names:
+            module, _ = controller.owners[name]
+            handles.append(module.register_forward_pre_hook(lambda mod, inputs, name=name: sparsifier.observe(name, mod, inputs)))
+        yield
     finally:
         for h in handles:
             h.remove()
+
+
+def dense(controller: SparsityController, batches: Iterable[Any], names: Iterable[str] | None = None) -> int:
+    """Every batch through the whole model, the module of each covered tensor (or of ``names``) observed."""
+    seen = 0
+    with torch.no_grad(), _observing(controller, controller.tensors if names is None else names):
+        for batch in batches:
+            run_model(controller.calibration_model, batch)
+            seen += 1
     return seen
 
 
@@ -231,13 +221,9 @@ def sequential(controller: SparsityController, batches: Sequence[Any], blocks: l
         for i, (_, block) in enumerate(blocks):
             if inside[i]:
                 sparsifier.reset_calibration()
-                handles = _observing(controller, inside[i])
-                try:
+                with _observing(controller, inside[i]):
                     for call in calls:
                         block(*call.args, **call.kwargs)
-                finally:
-                    for h in handles:
-                        h.remove()
                 controller.update_masks(names=inside[i])
                 sparsifier.reset_calibration()
             if i + 1 == len(blocks):
@@ -249,13 +235,7 @@ def sequential(controller: SparsityController, batches: Sequence[Any], blocks: l
         del calls
         if rest:
             sparsifier.reset_calibration()
-            dense_rest = _observing(controller, rest)
-            try:
-                for batch in batches:
-                    run_model(model, batch)
-            finally:
-                for h in dense_rest:
-                    h.remove()
+            dense(controller, batches, rest)
             controller.update_masks(names=rest)
             sparsifier.reset_calibration()
 

@@ -8,7 +8,9 @@ unchanged (the controller then enforces the nested policy itself). A v2 one decl
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -100,3 +102,18 @@ class Reconstruction(NamedTuple):
 
     masks: dict[str, torch.Tensor]
     weights: dict[str, torch.Tensor]
+
+
+def accepts_context(method: Callable[..., Any]) -> bool:
+    """Whether a ``compute_masks`` / ``masks_applied`` takes contract v2's ``context`` (a v1
+    override does not, and is called without it)."""
+    return _accepts(getattr(method, "__func__", method))
+
+
+@functools.lru_cache(maxsize=256)
+def _accepts(func: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    return "context" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())

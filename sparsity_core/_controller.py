@@ -6,7 +6,6 @@ The callbacks are thin wrappers on it; plain PyTorch loops use it directly.
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
@@ -16,7 +15,7 @@ from torch import nn
 from . import _calibration
 from ._api import Args, create_scheduler, create_sparsifier
 from ._base import Scheduler, Sparsifier
-from ._contract import MaskContext, Reconstruction
+from ._contract import MaskContext, Reconstruction, accepts_context
 from ._engine import apply_mask_, check_masks
 from ._report import SparsityReport
 from ._targets import select_tensors
@@ -56,19 +55,8 @@ def _fused_masks(sparsifier: Sparsifier) -> _Fused | None:
     return sparsifier.masks_applied  # type: ignore[return-value]
 
 
-@functools.lru_cache(maxsize=256)
-def _takes_context(func: Callable[..., Any]) -> bool:
-    """Whether a ``compute_masks``/``masks_applied`` accepts contract v2's ``context``."""
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
-    return "context" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
 def _call(method: Callable[..., Any], *args: Any, context: MaskContext) -> Any:
-    func = getattr(method, "__func__", method)
-    return method(*args, context=context) if _takes_context(func) else method(*args)
+    return method(*args, context=context) if accepts_context(method) else method(*args)
 
 
 def _check_tensor(name: str, tensor: torch.Tensor) -> None:
@@ -229,8 +217,7 @@ class SparsityController:
                 )
             _calibration.sequential(self, batches, self._blocks)
             return
-        if self.owners:
-            self._follow_live_parameters()
+        self._follow_live_parameters()
         chosen = list(self.tensors) if names is None else list(names)
         tensors = {n: self.tensors[n] for n in chosen}
         levels_now = {n: self.levels[n] for n in chosen}
@@ -263,15 +250,14 @@ class SparsityController:
                 )
             result, weights = result.masks, result.weights
         masks = check_masks(sparsifier, tensors, result)
-        if context.current and not caps.regrowth and not _takes_context(getattr(sparsifier.compute_masks, "__func__", sparsifier.compute_masks)):
+        if context.current and not caps.regrowth and not accepts_context(sparsifier.compute_masks):
             # a v1 sparsifier does not know the current masks: keep what is pruned pruned
             masks = {n: m & context.current[n] if n in context.current else m for n, m in masks.items()}
         if weights:
             self._write_weights(weights)
         self.masks = {**self.masks, **masks}  # replaced, never changed in place (state_dict shares it)
         if self.mask_optimizer_state_on_update:
-            with torch.no_grad():
-                self._mask_optimizer_state(masks)
+            self._mask_optimizer_state(masks)
         if fused is None:
             self.apply_masks(masks)
         else:
@@ -321,8 +307,7 @@ class SparsityController:
         one multiply by the bool mask, through NumPy on CPU where it is several times faster
         than torch's bool-to-float promotion). Always a full pass: an optimizer may write the
         weights without telling autograd (fused optimizers do not bump the version counter)."""
-        if self.owners:
-            self._follow_live_parameters()
+        self._follow_live_parameters()
         if masks is None:  # every mask, after an optimizer step: the hot path
             for tensors, group in self._apply_plan():
                 if isinstance(tensors, list):
@@ -447,8 +432,7 @@ class SparsityController:
         """One post-accumulate-grad hook per covered parameter of ``optimizer`` (once per parameter,
         however many optimizers hold it): the gradient is multiplied by the mask in force when the
         hook runs, so a mask update needs no new hooks."""
-        if self.owners:
-            self._follow_live_parameters()
+        self._follow_live_parameters()
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for name, tensor in self.tensors.items():
             if id(tensor) not in held or id(tensor) in self._grad_hooked or not tensor.requires_grad:
@@ -467,8 +451,7 @@ class SparsityController:
                     param.grad = grad * mask
 
     def _mask_state_of(self, optimizer: torch.optim.Optimizer) -> None:
-        with torch.no_grad():
-            self._mask_optimizer_state(self.masks, [optimizer])
+        self._mask_optimizer_state(self.masks, [optimizer])
 
     def observe_gradients(
         self, optimizer: torch.optim.Optimizer | None = None, parameters: Mapping[str, torch.Tensor] | None = None
@@ -516,18 +499,17 @@ class SparsityController:
             for name, mask in self.masks.items():
                 if not (trust_masked and self._is_masked(name, mask)):
                     apply_mask_(self.tensors[name], mask)
-            self._mask_optimizer_state(self.masks)
+        self._mask_optimizer_state(self.masks)
         self.masks = {}
         self._masked = {}
         self._pruning = {}
         self.detach()
-        self._optimizers = []
 
-    @torch.no_grad()
     def mask_optimizer_state(self) -> None:
         """Zero the attached optimizers' state (momentum, Adam's moments) of every pruned entry."""
         self._mask_optimizer_state(self.masks)
 
+    @torch.no_grad()
     def _mask_optimizer_state(
         self, masks: Mapping[str, torch.Tensor], optimizers: list[torch.optim.Optimizer] | None = None
     ) -> None:
@@ -630,8 +612,7 @@ class SparsityController:
     # -- reporting and state -----------------------------------------------------------------
     def report(self) -> SparsityReport:
         """Per-tensor and overall sparsity, counted from the live tensors (a tied tensor once, with its aliases)."""
-        if self.owners:
-            self._follow_live_parameters()
+        self._follow_live_parameters()
         return SparsityReport.measure(self.tensors, self.aliases)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -670,8 +651,7 @@ class SparsityController:
         self.masks = checked["masks"]
         self._masked, self._pruning = {}, {}
         self.apply_masks()
-        with torch.no_grad():
-            self._mask_optimizer_state(self.masks)
+        self._mask_optimizer_state(self.masks)
 
     def _checked_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
         where = "sparsity state"

@@ -20,11 +20,11 @@ import pytorch_lightning as pl
 import torch
 from pydantic import BaseModel, BeforeValidator
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ._api import resolve_class
-from ._calibration import Sequential, find_blocks, to_device
+from ._calibration import Sequential, find_blocks
 from ._base import Scheduler, Sparsifier, validate_spec
 from ._controller import SparsityController
 from ._report import SparsityReport
@@ -126,7 +126,7 @@ def _model_inputs(
                 f"{'calibration_inputs' if inputs else 'the default calibration_inputs'} made a {type(x).__name__} "
                 f"of a training batch; pass calibration_inputs=lambda batch: ... to the callback"
             )
-        yield to_device(x, device)
+        yield move_data_to_device(x, device)
 
 
 @contextlib.contextmanager
@@ -321,7 +321,7 @@ class _SparsityCallback(Callback):
             for i, batch in enumerate(self._batches(trainer)):
                 if i >= self.calibration_batches:
                     break
-                batch = to_device(batch, pl_module.device)
+                batch = move_data_to_device(batch, pl_module.device)
                 with torch.enable_grad():
                     out = pl_module.training_step(batch, i)
                 loss = out.get("loss") if isinstance(out, Mapping) else out

@@ -7,7 +7,6 @@ saved and restored around every check; the kit never perturbs the caller's rando
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import math
@@ -20,7 +19,7 @@ from pydantic import ValidationError
 
 from .._api import resolve_class
 from .._base import Scheduler, ScoreSparsifier, Sparsifier
-from .._contract import Capabilities, MaskContext, Reconstruction
+from .._contract import Capabilities, MaskContext, Reconstruction, accepts_context
 from .._controller import SparsityController
 from .._layers import TensorLayout, generic_layout, layout_of
 from .._registry import Kind, _check_class, get_registry
@@ -180,12 +179,8 @@ def _mapping_applies(subject: Subject) -> str | None:
 
 # -- helpers ---------------------------------------------------------------------------------
 def _accepts_context(sparsifier: Sparsifier) -> bool:
-    """Whether ``compute_masks`` takes contract v2's ``context`` (a v1 override does not)."""
-    try:
-        params = inspect.signature(sparsifier.compute_masks).parameters
-    except (TypeError, ValueError):
-        return False
-    return "context" in params
+    """Whether ``compute_masks`` takes contract v2's ``context`` (the controller's own rule)."""
+    return accepts_context(sparsifier.compute_masks)
 
 
 def _compute(
