@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
 
     from ._layers import TensorLayout
+    from ._shards import Shards
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,15 @@ class MaskContext:
     so the level is still met exactly).
     ``layouts``: each tensor's layer kind and orientation (``layout.matrix(t)`` is the
     ``[outputs, reduction]`` view on which N:M groups and blocks run); empty for a mapping target.
+    ``shards``: set only for sharded parameters (FSDP2), and only for sparsifiers that declare
+    ``shard_safe``: the tensors are then each rank's local rows (dim 0) of the global tensors
+    described in ``shards.tensors``, and the masks must be the local slices of the masks one
+    process would compute on the gathered tensors (``shards.comm`` reduces across the ranks).
     """
 
     current: Mapping[str, torch.Tensor] = field(default_factory=dict)
     layouts: Mapping[str, TensorLayout] = field(default_factory=dict)
+    shards: Shards | None = None
 
     def layout(self, name: str, tensor: torch.Tensor) -> TensorLayout:
         """The layout of ``name`` (a generic one, dim 0 = outputs, when none is known)."""
