@@ -96,6 +96,7 @@ def sparsify(
             raise ValueError(f"sparsifier {controller.sparsifier.name!r} needs calibration data, but calibration= was empty")
     elif loss_fn is not None:
         raise ValueError("loss_fn= needs calibration=[(inputs, targets), ...] batches")
+    controller._hold_masks = False  # each mask is dropped as soon as it is applied: none is held at the end
     controller.step()
     controller._squash(trust_masked=True)  # nothing ran since the masks were applied
     return controller.report()

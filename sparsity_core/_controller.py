@@ -6,7 +6,7 @@ The callbacks are thin wrappers on it; plain PyTorch loops use it directly.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, Literal
 
 import torch
@@ -15,12 +15,14 @@ from torch import nn
 from . import _calibration
 from ._api import Args, create_scheduler, create_sparsifier
 from ._base import Scheduler, Sparsifier
+from ._bits import MaskView, PackedMask, packed_size
 from ._contract import MaskContext, Reconstruction, accepts_context
 from ._engine import apply_mask_, check_masks
 from ._report import SparsityReport
 from ._targets import select_tensors
 
-STATE_VERSION = 2
+#: 3: masks saved packed (uint8, 1 bit per element, with their shapes); 1 and 2 (bool masks) still load.
+STATE_VERSION = 3
 #: Elements of each tensor looked at by squash() before it trusts that the tensor is still masked.
 SPOT_CHECK = 1024
 #: Tensors of at most this many elements are re-masked together, one foreach multiply per dtype.
@@ -95,7 +97,7 @@ def _check_tensor(name: str, tensor: torch.Tensor) -> None:
         )
 
 
-def _still_masked(tensor: torch.Tensor, mask: torch.Tensor) -> bool:
+def _still_masked(tensor: torch.Tensor, mask: PackedMask) -> bool:
     """A spot check: no pruned element among :data:`SPOT_CHECK` fixed positions is nonzero."""
     n = tensor.numel()
     if not tensor.is_contiguous() or n == 0:
@@ -103,17 +105,65 @@ def _still_masked(tensor: torch.Tensor, mask: torch.Tensor) -> bool:
     gen = torch.Generator().manual_seed(n)
     index = torch.randint(n, (min(n, SPOT_CHECK),), generator=gen).to(tensor.device)
     values = tensor.detach().reshape(-1)[index]
-    pruned = ~mask.reshape(-1)[index]
+    pruned = ~mask.at(index).to(tensor.device)
     return not bool(values[pruned].any())
 
 
+def _apply(mask: PackedMask | torch.Tensor, tensor: torch.Tensor) -> None:
+    """Zero ``tensor``'s pruned elements with a packed mask (in pieces) or a bool one (a caller's)."""
+    if isinstance(mask, PackedMask):
+        mask.apply_(tensor)
+    else:
+        apply_mask_(tensor, mask.to(tensor.device))
+
+
+class _Sink(MutableMapping[str, torch.Tensor]):
+    """The ``applied`` mapping of the fused path: the engine hands over each bool mask as soon as
+    it is final and keeps no reference to it; the sink packs it at once (``hold``) or, for a
+    one-shot prune that needs no masks afterwards, only notes that the tensor is masked. So at
+    most one tensor's bool mask exists at a time."""
+
+    def __init__(self, sparsifier: str, tensors: Mapping[str, torch.Tensor], hold: bool) -> None:
+        self.sparsifier, self.tensors, self.hold = sparsifier, tensors, hold
+        self.packed: dict[str, PackedMask] = {}
+        self.done: list[str] = []
+
+    def __setitem__(self, name: str, mask: torch.Tensor) -> None:
+        tensor = self.tensors.get(name)
+        if tensor is None or not isinstance(mask, torch.Tensor) or mask.shape != tensor.shape:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(
+                f"sparsifier {self.sparsifier!r} recorded a mask for {name!r} shaped {got}; "
+                + (f"the tensor is {tuple(tensor.shape)}" if tensor is not None else "it is not among the tensors asked for")
+            )
+        self.done.append(name)
+        if self.hold:
+            self.packed[name] = PackedMask.pack(mask.to(torch.bool))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.packed[name].to_bool()
+
+    def __delitem__(self, name: str) -> None:
+        del self.packed[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.packed)
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+
 class SparsityController:
-    """Keeps one boolean mask per covered tensor and applies it in place.
+    """Keeps one boolean mask per covered tensor, packed 1 bit per element, and applies it in place.
 
     ``step(t)`` moves the schedule to progress ``t`` and recomputes masks when the level changes;
     ``apply_masks()`` re-zeroes pruned weights (call it after each optimizer step, or let
     :meth:`attach` register an optimizer step hook that does); ``squash()`` makes the masks
     permanent and drops them.
+
+    :attr:`masks` reads as a mapping of names to bool masks; they are stored packed
+    (:class:`~sparsity_core._bits.PackedMask`, an eighth of a bool mask's bytes) and each read
+    unpacks a fresh bool tensor. Assigning a mapping of bool masks to :attr:`masks` replaces them.
     """
 
     def __init__(
@@ -159,20 +209,41 @@ class SparsityController:
         self.aliases = selection.aliases
         self.final_levels: dict[str, float] = self.sparsifier.final_levels(names)
         self.levels: dict[str, float] = dict.fromkeys(names, 0.0)
-        self.masks: dict[str, torch.Tensor] = {}
+        self._masks: dict[str, PackedMask] = {}
+        #: Keep the masks after an update (off for a one-shot prune: each mask is dropped once applied).
+        self._hold_masks = True
         self.t: float | None = None
         self._hooks: list[Any] = []
         self._grad_hooked: set[int] = set()  # ids of the parameters whose gradients are masked
         self._optimizers: list[torch.optim.Optimizer] = []  # attached: their state follows the masks
-        self._plan: tuple[dict[str, torch.Tensor], list[tuple[Any, Any]]] | None = None
+        self._plan: tuple[dict[str, PackedMask], list[tuple[Any, Any]]] | None = None
         #: Zero the attached optimizers' state of pruned entries at each mask update. A caller
         #: that replaces the masks after an update (DDP: rank 0's masks on every rank) turns
         #: it off and calls :meth:`mask_optimizer_state` once the masks are final.
         self.mask_optimizer_state_on_update = True
         # name -> (mask, tensor version, data pointer) when this controller last masked the tensor
-        self._masked: dict[str, tuple[torch.Tensor, int, int]] = {}
-        # name -> (mask, whether it prunes anything)
-        self._pruning: dict[str, tuple[torch.Tensor, bool]] = {}
+        self._masked: dict[str, tuple[PackedMask, int, int]] = {}
+
+    @property
+    def masks(self) -> MaskView:
+        """Name -> bool keep mask of every tensor that has one (a read-only view: each read unpacks
+        the stored 1-bit mask into a new bool tensor)."""
+        return MaskView(self._masks)
+
+    @masks.setter
+    def masks(self, masks: Mapping[str, torch.Tensor | PackedMask]) -> None:
+        """Replace every mask (bool tensors shaped like their tensors, or packed masks)."""
+        if isinstance(masks, MaskView):
+            self._masks = dict(masks.packed())
+            return
+        packed = {}
+        for name, mask in masks.items():
+            if not isinstance(mask, PackedMask):
+                mask = PackedMask.pack(mask)
+            if name not in self.tensors or mask.shape != self.tensors[name].shape:
+                raise ValueError(f"masks: {name!r} is not a covered tensor of shape {tuple(mask.shape)}")
+            packed[name] = mask
+        self._masks = packed
 
     # -- schedule ----------------------------------------------------------------------------
     def levels_at(self, t: float) -> dict[str, float]:
@@ -185,7 +256,7 @@ class SparsityController:
             t = max(self.scheduler.spec.end or 0.0, self.scheduler.spec.start)
         self.t = float(t)
         levels = self.levels_at(self.t)
-        if levels == self.levels and (self.masks or not any(levels.values())):
+        if levels == self.levels and (self._masks or not any(levels.values())):
             return False
         self.update_masks(levels)
         return True
@@ -224,23 +295,32 @@ class SparsityController:
         sparsifier = self.sparsifier
         caps = sparsifier.capabilities
         context = MaskContext(
-            current={n: self.masks[n] for n in chosen if n in self.masks},
+            # unpacked one tensor at a time, as the sparsifier reads them
+            current=MaskView({n: self._masks[n] for n in chosen if n in self._masks}),
             layouts={n: self.layouts[n] for n in chosen if n in self.layouts},
         )
         fused = None if caps.reconstruction else _fused_masks(sparsifier)
-        applied: dict[str, torch.Tensor] = {}
+        sink = _Sink(sparsifier.name, tensors, self._hold_masks)
         try:
             with torch.no_grad():
                 if fused is None:
                     result = _call(sparsifier.compute_masks, tensors, levels_now, context=context)
                 else:
-                    result = _call(fused, tensors, levels_now, applied, context=context)
+                    result = _call(fused, tensors, levels_now, sink, context=context)
         except BaseException:
-            if applied:
-                self.masks = {**self.masks, **applied}
-                for name, mask in applied.items():
+            if sink.packed:
+                self._masks = {**self._masks, **sink.packed}
+                for name, mask in sink.packed.items():
                     self._note_masked(name, mask)
             raise
+        if fused is not None:
+            handed = set(sink.done)
+            missing = [n for n in chosen if n not in handed]
+            if missing:
+                raise ValueError(f"sparsifier {sparsifier.name!r} recorded no mask for {missing} (masks_applied)")
+            del result  # the engine hands its masks to the sink and keeps none
+            self._take_masks(sink.packed, applied=True)
+            return
         weights: Mapping[str, torch.Tensor] = {}
         if isinstance(result, Reconstruction):
             if not caps.reconstruction:
@@ -250,19 +330,29 @@ class SparsityController:
                 )
             result, weights = result.masks, result.weights
         masks = check_masks(sparsifier, tensors, result)
+        del result
         if context.current and not caps.regrowth and not accepts_context(sparsifier.compute_masks):
             # a v1 sparsifier does not know the current masks: keep what is pruned pruned
             masks = {n: m & context.current[n] if n in context.current else m for n, m in masks.items()}
         if weights:
             self._write_weights(weights)
-        self.masks = {**self.masks, **masks}  # replaced, never changed in place (state_dict shares it)
+        packed = {}
+        for name in list(masks):  # each bool mask dropped once packed (the sparsifier may still hold them)
+            packed[name] = PackedMask.pack(masks.pop(name))
+        self._take_masks(packed, applied=False)
+
+    def _take_masks(self, masks: dict[str, PackedMask], applied: bool) -> None:
+        """Put new masks in force: kept (unless a one-shot prune drops them), the optimizers' state
+        masked, and applied to their tensors unless the fused path already did."""
+        if self._hold_masks:
+            self._masks = {**self._masks, **masks}  # replaced, never changed in place (state_dict shares it)
         if self.mask_optimizer_state_on_update:
             self._mask_optimizer_state(masks)
-        if fused is None:
-            self.apply_masks(masks)
-        else:
+        if applied:
             for name, mask in masks.items():
                 self._note_masked(name, mask)
+        else:
+            self.apply_masks(masks)
 
     def _check_sequential_scope(self) -> None:
         caps = self.sparsifier.capabilities
@@ -302,60 +392,64 @@ class SparsityController:
 
     # -- masks -------------------------------------------------------------------------------
     @torch.no_grad()
-    def apply_masks(self, masks: Mapping[str, torch.Tensor] | None = None) -> None:
-        """Zero every pruned element in place (runs after every optimizer step, so it is lean:
-        one multiply by the bool mask, through NumPy on CPU where it is several times faster
-        than torch's bool-to-float promotion). Always a full pass: an optimizer may write the
-        weights without telling autograd (fused optimizers do not bump the version counter)."""
+    def apply_masks(self, masks: Mapping[str, torch.Tensor | PackedMask] | None = None) -> None:
+        """Zero every pruned element in place (runs after every optimizer step, so it is lean: each
+        packed mask is unpacked a piece at a time into cache and multiplied in, through NumPy on
+        CPU, see :meth:`PackedMask.apply_`). Always a full pass: an optimizer may write the
+        weights without telling autograd (fused optimizers do not bump the version counter).
+        ``masks``: apply these (bool or packed) instead of the masks in force."""
         self._follow_live_parameters()
         if masks is None:  # every mask, after an optimizer step: the hot path
             for tensors, group in self._apply_plan():
                 if isinstance(tensors, list):
                     torch._foreach_mul_(tensors, group)
                 else:
-                    apply_mask_(tensors, group)
+                    group.apply_(tensors)
             return
         for name, mask in masks.items():
-            if self._prunes(name, mask):
-                apply_mask_(self.tensors[name], mask)
-            self._note_masked(name, mask)
+            if self._prunes(mask):
+                _apply(mask, self.tensors[name])
+            if isinstance(mask, PackedMask):
+                self._note_masked(name, mask)
 
     def _apply_plan(self) -> list[tuple[Any, Any]]:
         """How :meth:`apply_masks` applies the current masks, worked out once per set of masks:
         tensors with a mask that prunes something; the small ones grouped by dtype and device
         into one foreach multiply each (with many small tensors, per-tensor calls are the cost)."""
         plan = self._plan
-        if plan is not None and plan[0] is self.masks:
+        if plan is not None and plan[0] is self._masks:
             return plan[1]
         steps: list[tuple[Any, Any]] = []
         groups: dict[tuple[torch.dtype, torch.device], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for name, mask in self.masks.items():
-            if not self._prunes(name, mask):
+        for name, mask in self._masks.items():
+            if not mask.prunes():
                 continue
             tensor = self.tensors[name]
             if tensor.numel() <= SMALL_TENSOR:
+                # unpacked and kept for the plan: at most SMALL_TENSOR bytes each, and with many
+                # small tensors the per-tensor calls, not the bytes, are the cost
                 ts, ms = groups.setdefault((tensor.dtype, tensor.device), ([], []))
                 ts.append(tensor.detach())
-                ms.append(mask)
+                ms.append(mask.to_bool().to(tensor.device))
             else:
                 steps.append((tensor, mask))
         steps.extend(groups.values())
-        self._plan = (self.masks, steps)
+        self._plan = (self._masks, steps)
         return steps
 
-    def _prunes(self, name: str, mask: torch.Tensor) -> bool:
-        """Whether ``mask`` prunes anything (worked out once per mask object): an all-True mask
-        (a tensor at level 0, early in a schedule) costs no pass over its tensor."""
-        known = self._pruning.get(name)
-        if known is None or known[0] is not mask:
-            known = self._pruning[name] = (mask, not bool(mask.all()))
-        return known[1]
+    @staticmethod
+    def _prunes(mask: PackedMask | torch.Tensor) -> bool:
+        """Whether ``mask`` prunes anything: an all-True mask (a tensor at level 0, early in a
+        schedule) costs no pass over its tensor (a packed mask counts its kept elements once)."""
+        return mask.prunes() if isinstance(mask, PackedMask) else not bool(mask.all())
 
-    def _note_masked(self, name: str, mask: torch.Tensor) -> None:
+    def _note_masked(self, name: str, mask: PackedMask) -> None:
+        if not self._hold_masks:
+            return  # a one-shot prune keeps no mask, and nothing to trust
         tensor = self.tensors[name]
         self._masked[name] = (mask, tensor._version, tensor.data_ptr())
 
-    def _is_masked(self, name: str, mask: torch.Tensor) -> bool:
+    def _is_masked(self, name: str, mask: PackedMask) -> bool:
         """True when this controller masked ``name`` with this very mask and the tensor has not
         been written since as far as torch can tell (same storage, same version counter), and a
         spot check of pruned positions finds only zeros (which catches writes that bypass the
@@ -411,7 +505,7 @@ class SparsityController:
         self._hooks.append(handle)
         if not any(o is optimizer for o in self._optimizers):
             self._optimizers.append(optimizer)
-        self._mask_optimizer_state(self.masks)
+        self._mask_optimizer_state(self._masks)
         return handle
 
     def _upkeep_for(self, optimizer: torch.optim.Optimizer, upkeep: str) -> str:
@@ -441,17 +535,17 @@ class SparsityController:
             self._hooks.append(tensor.register_post_accumulate_grad_hook(functools.partial(self._mask_gradient, name)))
 
     def _mask_gradient(self, name: str, param: torch.Tensor) -> None:
-        mask = self.masks.get(name)
+        mask = self._masks.get(name)
         grad = param.grad
-        if mask is not None and grad is not None and self._prunes(name, mask):
+        if mask is not None and grad is not None and mask.prunes():
             with torch.no_grad():
-                if grad.layout is torch.strided:
-                    apply_mask_(grad, mask)
+                if grad.layout is torch.strided and grad.is_contiguous():
+                    mask.apply_(grad)
                 else:  # a sparse gradient (nn.Embedding(sparse=True)) stays sparse
-                    param.grad = grad * mask
+                    param.grad = grad * mask.to_bool().to(grad.device)
 
     def _mask_state_of(self, optimizer: torch.optim.Optimizer) -> None:
-        self._mask_optimizer_state(self.masks, [optimizer])
+        self._mask_optimizer_state(self._masks, [optimizer])
 
     def observe_gradients(
         self, optimizer: torch.optim.Optimizer | None = None, parameters: Mapping[str, torch.Tensor] | None = None
@@ -496,22 +590,21 @@ class SparsityController:
         again, so a one-shot prune reads the weights once."""
         self._follow_live_parameters()
         with torch.no_grad():
-            for name, mask in self.masks.items():
+            for name, mask in self._masks.items():
                 if not (trust_masked and self._is_masked(name, mask)):
-                    apply_mask_(self.tensors[name], mask)
-        self._mask_optimizer_state(self.masks)
-        self.masks = {}
+                    mask.apply_(self.tensors[name])
+        self._mask_optimizer_state(self._masks)
+        self._masks = {}
         self._masked = {}
-        self._pruning = {}
         self.detach()
 
     def mask_optimizer_state(self) -> None:
         """Zero the attached optimizers' state (momentum, Adam's moments) of every pruned entry."""
-        self._mask_optimizer_state(self.masks)
+        self._mask_optimizer_state(self._masks)
 
     @torch.no_grad()
     def _mask_optimizer_state(
-        self, masks: Mapping[str, torch.Tensor], optimizers: list[torch.optim.Optimizer] | None = None
+        self, masks: Mapping[str, PackedMask], optimizers: list[torch.optim.Optimizer] | None = None
     ) -> None:
         """Zero the optimizer state of pruned entries (momentum buffers, Adam's moments: every
         state tensor shaped like its parameter) for the optimizers this controller is attached to."""
@@ -526,7 +619,7 @@ class SparsityController:
                     continue
                 for value in state.values():
                     if isinstance(value, torch.Tensor) and value.shape == mask.shape:
-                        apply_mask_(value, mask.to(value.device))  # NumPy on CPU: ~10x torch's bool mul_
+                        mask.apply_(value)
 
     def _follow_live_parameters(self) -> None:
         """Masks follow the live parameter when a module's parameter was replaced by a new object
@@ -623,17 +716,19 @@ class SparsityController:
         return {"sparsifier": self.sparsifier.name, "spec": spec, "covered": sorted(self.tensors)}
 
     def state_dict(self) -> dict[str, Any]:
-        """Masks (bool), schedule position, each mask's pruned count and the configuration's
-        fingerprint; loads with ``torch.load(weights_only=True)``."""
+        """Masks (packed: a flat uint8 tensor per mask, bit ``i % 8`` of byte ``i // 8`` keeping
+        element ``i`` in C order, and its shape), schedule position, each mask's pruned count and
+        the configuration's fingerprint; loads with ``torch.load(weights_only=True)``."""
         return {
             "version": STATE_VERSION,
             "sparsifier": self.sparsifier.name,
             "t": self.t,
             "levels": dict(self.levels),
-            # the bool masks themselves, not copies: a checkpoint is written at once, and masks
+            # the packed masks themselves, not copies: a checkpoint is written at once, and masks
             # are replaced, never changed in place
-            "masks": dict(self.masks),
-            "pruned": {n: int(m.numel() - int(m.sum())) for n, m in self.masks.items()},
+            "masks": {n: m.data for n, m in self._masks.items()},
+            "shapes": {n: list(m.shape) for n, m in self._masks.items()},
+            "pruned": {n: m.pruned() for n, m in self._masks.items()},
             "fingerprint": self.fingerprint(),
             # what a stateful sparsifier accumulated (movement scores, say), when it offers it
             **({"sparsifier_state": self.sparsifier.state_dict()} if callable(getattr(self.sparsifier, "state_dict", None)) else {}),
@@ -648,18 +743,18 @@ class SparsityController:
             restore(state["sparsifier_state"])
         self.t = checked["t"]
         self.levels = checked["levels"]
-        self.masks = checked["masks"]
-        self._masked, self._pruning = {}, {}
+        self._masks = checked["masks"]
+        self._masked = {}
         self.apply_masks()
-        self._mask_optimizer_state(self.masks)
+        self._mask_optimizer_state(self._masks)
 
     def _checked_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
         where = "sparsity state"
         if not isinstance(state, Mapping):
             raise ValueError(f"{where}: expected a mapping, got {type(state).__name__}")
         version = state.get("version")
-        if version not in (1, STATE_VERSION):
-            raise ValueError(f"{where}: unsupported version {version!r} (this version reads 1 and {STATE_VERSION})")
+        if version not in (1, 2, STATE_VERSION):
+            raise ValueError(f"{where}: unsupported version {version!r} (this version reads 1 to {STATE_VERSION})")
         missing = [k for k in ("t", "levels", "masks") if k not in state]
         if missing:
             raise ValueError(f"{where}: missing {missing}; the state is incomplete (a checkpoint written by another program?)")
@@ -682,12 +777,19 @@ class SparsityController:
                 raise ValueError(f"{where}: level of {name!r} must be a number in [0, 1], got {level!r}")
             levels[name] = float(level)
         pruned = state.get("pruned", {})
-        masks: dict[str, torch.Tensor] = {}
+        packed_format = version == STATE_VERSION
+        shapes = state.get("shapes")
+        if packed_format and not isinstance(shapes, Mapping) and any(
+            isinstance(m, torch.Tensor) and m.dtype != torch.bool for m in masks_in.values()
+        ):
+            raise ValueError(f"{where}: 'shapes' (the shape of each packed mask) must be a mapping of names, got {type(shapes).__name__}")
+        kind = "packed uint8 tensor" if packed_format else "bool tensor"
+        masks: dict[str, PackedMask] = {}
         for name, tensor in self.tensors.items():
             mask = masks_in.get(name)
             if mask is None:
                 if name in masks_in:
-                    raise ValueError(f"{where}: mask of {name!r} is None, not a bool tensor")
+                    raise ValueError(f"{where}: mask of {name!r} is None, not a {kind}")
                 if levels[name] > 0.0 and masks_in:
                     raise ValueError(
                         f"{where}: no mask for covered tensor {name!r}, whose saved level is {levels[name]:g}; "
@@ -695,19 +797,42 @@ class SparsityController:
                     )
                 continue
             if not isinstance(mask, torch.Tensor):
-                raise ValueError(f"{where}: mask of {name!r} is a {type(mask).__name__}, not a bool tensor")
-            if mask.shape != tensor.shape:
-                raise ValueError(f"{where}: mask of {name!r} has shape {tuple(mask.shape)}, the tensor {tuple(tensor.shape)}")
-            if mask.dtype != torch.bool:
+                raise ValueError(f"{where}: mask of {name!r} is a {type(mask).__name__}, not a {kind}")
+            if mask.dtype == torch.bool:  # versions 1 and 2, or a state written by hand
+                if mask.shape != tensor.shape:
+                    raise ValueError(f"{where}: mask of {name!r} has shape {tuple(mask.shape)}, the tensor {tuple(tensor.shape)}")
+                packed = PackedMask.pack(mask)
+            elif packed_format:
+                packed = self._checked_packed(where, name, mask, shapes.get(name), tensor)  # type: ignore[union-attr]
+            else:
                 raise ValueError(f"{where}: mask of {name!r} has dtype {mask.dtype}, not torch.bool")
-            zeros = int(mask.numel() - int(mask.sum()))
-            if name in pruned and int(pruned[name]) != zeros:
+            if name in pruned and int(pruned[name]) != packed.pruned():
                 raise ValueError(
-                    f"{where}: mask of {name!r} prunes {zeros} elements, but {int(pruned[name])} were pruned when it "
-                    f"was saved (level {levels[name]:g}): the mask is damaged"
+                    f"{where}: mask of {name!r} prunes {packed.pruned()} elements, but {int(pruned[name])} were pruned "
+                    f"when it was saved (level {levels[name]:g}): the mask is damaged"
                 )
-            masks[name] = mask.to(device=tensor.device)
+            masks[name] = packed.to(tensor.device)
         return {"t": None if t is None else float(t), "levels": levels, "masks": masks}
+
+    @staticmethod
+    def _checked_packed(where: str, name: str, data: torch.Tensor, shape: Any, tensor: torch.Tensor) -> PackedMask:
+        """A saved packed mask, checked against its saved shape and the tensor it is for."""
+        if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise ValueError(f"{where}: the shape of the mask of {name!r} must be a list of ints, got {shape!r}")
+        if tuple(shape) != tuple(tensor.shape):
+            raise ValueError(f"{where}: mask of {name!r} has shape {tuple(shape)}, the tensor {tuple(tensor.shape)}")
+        if data.dtype != torch.uint8:
+            raise ValueError(f"{where}: mask of {name!r} has dtype {data.dtype}, not torch.uint8 (packed, 8 elements a byte) or torch.bool")
+        size = packed_size(tensor.numel())
+        if data.dim() != 1 or data.numel() != size:
+            raise ValueError(
+                f"{where}: mask of {name!r} holds {tuple(data.shape)} bytes; a packed mask of shape {tuple(shape)} "
+                f"is 1-D with {size}"
+            )
+        packed = PackedMask(data.cpu(), tensor.shape)
+        if not packed.pad_bits_clear():
+            raise ValueError(f"{where}: mask of {name!r} has bits set past its {tensor.numel()} elements: the mask is damaged")
+        return packed
 
     def _check_fingerprint(self, where: str, saved: Any) -> None:
         now = self.fingerprint()
