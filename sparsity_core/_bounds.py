@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._engine import _Units
+    from ._engine.units import _Units
 
 
 def _numel(units: _Units) -> int:
@@ -31,7 +31,7 @@ def _numel(units: _Units) -> int:
 
 def _pruned(units: _Units) -> int:
     """Elements ``units.mask`` prunes."""
-    from ._engine import _count
+    from ._engine.kernels import _count
 
     if units.size:
         return (units.n - _count(units.mask)) * units.size

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._engine import _numpy_kernels
+from ._engine.kernels import _numpy_kernels
 
 
 _FLOAT_BITS = {torch.float32: np.int32, torch.float64: np.int64, torch.float16: np.int16}

@@ -69,9 +69,9 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     from sparsity_core import _engine as engine
 
     if request.param == "bracketed":
-        monkeypatch.setattr(engine, "EXACT", 100)
-        monkeypatch.setattr(engine, "SAMPLE", 2000)
-        monkeypatch.setattr(engine, "CHUNK", 4096)
+        monkeypatch.setattr(engine.kernels, "EXACT", 100)
+        monkeypatch.setattr(engine.kernels, "SAMPLE", 2000)
+        monkeypatch.setattr(engine.kernels, "CHUNK", 4096)
     return request.param
 
 

@@ -41,7 +41,7 @@ def _guarded_numpy(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
 
 
 def _set_kernels(monkeypatch: pytest.MonkeyPatch, numpy: bool) -> None:
-    monkeypatch.setattr(engine, "NUMPY_KERNELS", numpy)
+    monkeypatch.setattr(engine.kernels, "NUMPY_KERNELS", numpy)
     if numpy:
         monkeypatch.setattr(torch.Tensor, "numpy", _NUMPY)
     else:
@@ -74,18 +74,18 @@ def both(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[], T]], tuple[T
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], list[Any]]:
-    """``calls(name)``: a list that records the results of every call to ``engine.<name>``."""
+    """``calls(name)``: a list that records the results of every call to ``engine.selection.<name>``."""
 
     def spy(name: str) -> list[Any]:
         seen: list[Any] = []
-        real = getattr(engine, name)
+        real = getattr(engine.selection, name)
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             out = real(*args, **kwargs)
             seen.append(out)
             return out
 
-        monkeypatch.setattr(engine, name, wrapper)
+        monkeypatch.setattr(engine.selection, name, wrapper)
         return seen
 
     return spy
@@ -126,15 +126,15 @@ def model_tensors(zeros: float = 0.0) -> dict[str, torch.Tensor]:
 
 # -- the switch --------------------------------------------------------------------------------
 def test_the_switch_is_on_by_default_and_only_cpu_tensors_take_numpy():
-    assert engine.NUMPY_KERNELS is True
-    assert engine._numpy_kernels(torch.zeros(3))
-    assert not engine._numpy_kernels(torch.zeros(3, device="meta"))
+    assert engine.kernels.NUMPY_KERNELS is True
+    assert engine.kernels._numpy_kernels(torch.zeros(3))
+    assert not engine.kernels._numpy_kernels(torch.zeros(3, device="meta"))
 
 
 def test_the_guard_catches_a_numpy_kernel(torch_kernels):
     with pytest.raises(AssertionError, match="NumPy kernel ran in"):
         torch.zeros(3).numpy()
-    assert not engine._numpy_kernels(torch.zeros(3))
+    assert not engine.kernels._numpy_kernels(torch.zeros(3))
 
 
 # -- small kernels, one by one -----------------------------------------------------------------
@@ -165,7 +165,7 @@ def test_kth_and_keep_above_kth_are_the_same_in_both_kernels(both, zeros):
     v = randn(10_000, seed=5, zeros=zeros).abs()
 
     def run() -> list[Any]:
-        return [(engine._kth(v, k), engine._keep_above_kth(v, k)) for k in (1, 7, 5000, 9_900, 9_999)]
+        return [(engine.kernels._kth(v, k), engine.kernels._keep_above_kth(v, k)) for k in (1, 7, 5000, 9_900, 9_999)]
 
     ref, got = both(run)
     for (kr, mr), (kg, mg) in zip(ref, got):
@@ -242,7 +242,7 @@ def test_ties_are_broken_by_position_with_torch_kernels(torch_kernels, path):
 @pytest.mark.parametrize("level", [0.5, 0.9])
 def test_a_large_tensor_takes_the_sampled_bracket_in_both_kernels(both, calls, level):
     w = randn(600, 1000, seed=9)  # 600K elements > EXACT
-    assert w.numel() > engine.EXACT
+    assert w.numel() > engine.kernels.EXACT
     bracketed = calls("_select_bracketed")
     ref, got = both(lambda: masks("magnitude", {"sparsity_level": level}, {"w": w}))
     assert bracketed == [True, True]  # both kernels decided it in the bracket
@@ -301,7 +301,7 @@ def test_blocks_are_the_same_in_both_kernels(both, path, shape, pattern, scope):
 @pytest.mark.parametrize("pattern", ["2:4", "1:4", "3:8", "2:16"])
 @pytest.mark.parametrize("level", [0.25, 0.5, 0.75, 1.0])
 def test_nm_is_the_same_in_both_kernels(both, monkeypatch, shape, pattern, level):
-    monkeypatch.setattr(engine, "CHUNK", 4096)  # several pieces / bands
+    monkeypatch.setattr(engine.kernels, "CHUNK", 4096)  # several pieces / bands
     w = randn(*shape, seed=16, zeros=0.2)
     ref, got = both(lambda: masks("magnitude", {"pattern": pattern}, {"w": w}, {"w": level}))
     assert_same(ref, got)
@@ -340,9 +340,9 @@ def test_data_norm_is_the_same_in_both_kernels(both, shape, block, zeros, norm):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(203, 157), (203, 160)])
 def test_data_norm_through_the_bracket_is_the_same_in_both_kernels(both, monkeypatch, block, level, dtype, shape):
-    monkeypatch.setattr(engine, "EXACT", 100)
-    monkeypatch.setattr(engine, "SAMPLE", 2000)
-    monkeypatch.setattr(engine, "CHUNK", 4096)
+    monkeypatch.setattr(engine.kernels, "EXACT", 100)
+    monkeypatch.setattr(engine.kernels, "SAMPLE", 2000)
+    monkeypatch.setattr(engine.kernels, "CHUNK", 4096)
     t = randn(*shape, seed=18, zeros=0.3, dtype=dtype)
     args = {"sparsity_level": level, "sparse_block_shape": block, "zeros_per_block": 1, "norm": "L2"}
     ref, got = both(lambda: masks("data_norm", args, {"x": t}))
@@ -350,8 +350,8 @@ def test_data_norm_through_the_bracket_is_the_same_in_both_kernels(both, monkeyp
 
 
 def test_data_norm_tied_means_take_the_ties_path_in_both_kernels(both, calls, monkeypatch):
-    monkeypatch.setattr(engine, "EXACT", 10_000)
-    monkeypatch.setattr(engine, "CHUNK", 1 << 16)
+    monkeypatch.setattr(engine.kernels, "EXACT", 10_000)
+    monkeypatch.setattr(engine.kernels, "CHUNK", 1 << 16)
     t = torch.ones(700, 800)  # 140K 2x2 blocks, most of mean 1
     t[::7] = 0.5
     ties = calls("_select_ties")
@@ -467,7 +467,7 @@ def test_a_gradual_run_with_attach_and_squash_is_the_same_in_both_kernels(both, 
 def test_masks_applied_in_place_are_the_same_in_both_kernels(both, monkeypatch, name, args):
     """The fused compute-and-apply path, on contiguous tensors (piece by piece) and strided ones
     (applied once at the end), in several pieces."""
-    monkeypatch.setattr(engine, "CHUNK", 1024)
+    monkeypatch.setattr(engine.kernels, "CHUNK", 1024)
 
     def run() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         tensors = {

@@ -1,0 +1,218 @@
+"""Scores in float32 pieces (:class:`Scorer`) and the units a selection keeps or prunes whole:
+elements and aligned blocks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from .._layers import TensorLayout, generic_layout
+from . import kernels
+from .kernels import _all_finite, Tensor
+
+if TYPE_CHECKING:
+    from .._base import ScoreSparsifier
+
+
+class Scorer:
+    """Float32 importance of one tensor, whole or in pieces, checked for NaN/inf.
+
+    ``layout`` orients the tensor: :meth:`rows` reads rows of its ``[outputs, reduction]`` matrix
+    view (see :mod:`._layers`). ``keep``, the current mask (contract v2's nested policy), forces
+    every currently pruned element to score ``-inf``: it is pruned again first, and the level is
+    still met exactly by the selection."""
+
+    __slots__ = ("_flat", "_full", "elementwise", "keep", "layout", "name", "sparsifier", "tensor")
+
+    def __init__(
+        self,
+        sparsifier: ScoreSparsifier,
+        name: str,
+        tensor: Tensor,
+        layout: TensorLayout | None = None,
+        keep: Tensor | None = None,
+    ) -> None:
+        self.sparsifier = sparsifier
+        self.name = name
+        self.tensor = tensor.detach()
+        self.layout = layout if layout is not None else generic_layout()
+        self.keep = keep if keep is None or not bool(keep.all()) else None
+        self.elementwise = bool(getattr(sparsifier, "elementwise", False))
+        self._full: Tensor | None = None
+        self._flat: Tensor | None = None
+
+    def _score(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        s = self.sparsifier.score(self.name, x)
+        if not isinstance(s, torch.Tensor) or s.shape != x.shape:
+            got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(
+                f"sparsifier {self.sparsifier.name!r}: score({self.name!r}, tensor) must return a "
+                f"tensor shaped like its input {tuple(x.shape)}, got {got}"
+            )
+        s = s.detach().to(torch.float32)
+        if not _all_finite(s):
+            raise ValueError(
+                f"tensor {self.name!r} has NaN or inf values (or importance scores): cannot choose "
+                f"a mask for it; check the weights (sparsifier {self.sparsifier.name!r})"
+            )
+        if keep is not None:
+            if s.data_ptr() == x.data_ptr() or s._base is not None:  # never write into the caller's tensor
+                s = s.clone()
+            s.masked_fill_(~keep.to(s.device), -math.inf)
+        return s
+
+    @property
+    def flat(self) -> Tensor:
+        if self._flat is None:
+            self._flat = self.tensor.reshape(-1)
+        return self._flat
+
+    def full(self) -> Tensor:
+        """The whole score tensor (kept until :meth:`release`)."""
+        if self._full is None:
+            self._full = self._score(self.tensor, self.keep).contiguous()
+        return self._full
+
+    def piece(self, start: int, end: int) -> Tensor:
+        if self.elementwise:
+            keep = None if self.keep is None else self.keep.reshape(-1)[start:end]
+            return self._score(self.flat[start:end], keep)
+        return self.full().view(-1)[start:end]
+
+    def rows(self, r0: int, r1: int) -> Tensor:
+        """Scores of rows ``r0:r1`` of the matrix view."""
+        if self.elementwise:
+            keep = None if self.keep is None else self.layout.matrix(self.keep)[r0:r1]
+            return self._score(self.layout.matrix(self.tensor)[r0:r1], keep)
+        return self.layout.matrix(self.full())[r0:r1]
+
+    def at(self, index: Tensor) -> Tensor:
+        if self.elementwise:
+            keep = None if self.keep is None else self.keep.reshape(-1)[index.to(self.keep.device)]
+            return self._score(self.flat[index.to(self.flat.device)], keep).cpu()
+        return self.full().view(-1)[index.to(self._full.device)].cpu()  # type: ignore[union-attr]
+
+    @property
+    def shape2d(self) -> tuple[int, int]:
+        m = self.layout.matrix(self.tensor)
+        return m.shape[0], m.shape[1]
+
+    def release(self) -> None:
+        self._full = None
+
+
+# -- units -------------------------------------------------------------------------------------
+class _Units:
+    """What is kept or pruned as a whole in one tensor, and a flat bool keep mask over them."""
+
+    n: int
+    size: int  # elements per unit when all are equal, else 0 (see sizes())
+    mask: Tensor
+
+    def pieces(self) -> Iterator[tuple[int, Tensor]]:
+        raise NotImplementedError
+
+    def at(self, index: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sizes(self, start: int, end: int) -> Tensor:
+        raise NotImplementedError
+
+    def element_mask(self) -> Tensor:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        pass
+
+
+class _Elements(_Units):
+    def __init__(self, scorer: Scorer) -> None:
+        self.scorer = scorer
+        self.n = scorer.tensor.numel()
+        self.size = 1
+        self.mask = torch.empty(self.n, dtype=torch.bool, device=scorer.tensor.device)
+
+    def pieces(self) -> Iterator[tuple[int, Tensor]]:
+        for start in range(0, self.n, kernels.CHUNK):
+            yield start, self.scorer.piece(start, min(self.n, start + kernels.CHUNK))
+
+    def at(self, index: Tensor) -> Tensor:
+        return self.scorer.at(index)
+
+    def element_mask(self) -> Tensor:
+        return self.mask.view(self.scorer.tensor.shape)
+
+    def release(self) -> None:
+        self.scorer.release()
+
+
+class _Blocks(_Units):
+    """Aligned ``h x w`` blocks of the 2-D view, scored by the mean score of their elements
+    (ragged edge blocks: the mean over the elements they have)."""
+
+    def __init__(self, scorer: Scorer, h: int, w: int) -> None:
+        self.scorer = scorer
+        self.h, self.w = h, w
+        self.rows, self.cols = scorer.shape2d
+        self.rb, self.cb = -(-self.rows // h), -(-self.cols // w)
+        self.n = self.rb * self.cb
+        ragged = self.rows % h or self.cols % w
+        self.size = 0 if ragged else h * w
+        self.mask = torch.empty(self.n, dtype=torch.bool, device=scorer.tensor.device)
+        self._means: Tensor | None = None
+        self._sizes: Tensor | None = None
+
+    def means(self) -> Tensor:
+        if self._means is None:
+            self._means = block_means(self.scorer, self.h, self.w).view(-1)
+        return self._means
+
+    def pieces(self) -> Iterator[tuple[int, Tensor]]:
+        means = self.means()
+        for start in range(0, self.n, kernels.CHUNK):
+            yield start, means[start : start + kernels.CHUNK]
+
+    def at(self, index: Tensor) -> Tensor:
+        return self.means()[index.to(self.means().device)].cpu()
+
+    def sizes(self, start: int, end: int) -> Tensor:
+        if self._sizes is None:
+            dev = self.mask.device
+            rs = torch.full((self.rb,), self.h, dtype=torch.int64, device=dev)
+            rs[-1] = self.rows - (self.rb - 1) * self.h
+            cs = torch.full((self.cb,), self.w, dtype=torch.int64, device=dev)
+            cs[-1] = self.cols - (self.cb - 1) * self.w
+            self._sizes = (rs[:, None] * cs[None, :]).view(-1)
+        return self._sizes[start:end]
+
+    def element_mask(self) -> Tensor:
+        m = expand_blocks(self.mask.view(self.rb, self.cb), self.h, self.w, self.rows, self.cols)
+        layout = self.scorer.layout
+        return m.view(self.scorer.tensor.shape) if layout.is_identity(self.scorer.tensor.dim()) else layout.from_matrix(m, self.scorer.tensor.shape)
+
+    def release(self) -> None:
+        self._means = None
+        self.scorer.release()
+
+
+def block_means(scorer: Scorer, h: int, w: int) -> Tensor:
+    """Mean score of each aligned ``h x w`` block of the 2-D view (rb x cb), computed band by band."""
+    rows, cols = scorer.shape2d
+    band = h * max(1, kernels.CHUNK // max(1, h * cols))
+    parts = []
+    for r0 in range(0, rows, band):
+        s = scorer.rows(r0, min(rows, r0 + band))
+        # ceil_mode without padding averages a ragged edge window over the elements it has
+        parts.append(F.avg_pool2d(s[None, None], (h, w), stride=(h, w), ceil_mode=True)[0, 0])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def expand_blocks(keep: Tensor, h: int, w: int, rows: int, cols: int) -> Tensor:
+    """A (rows x cols) element mask from a per-block mask (rb x cb)."""
+    dev = keep.device
+    by_row = keep.index_select(0, torch.arange(rows, device=dev) // h)
+    return by_row.index_select(1, torch.arange(cols, device=dev) // w)
