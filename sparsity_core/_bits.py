@@ -27,12 +27,10 @@ Tensor = torch.Tensor
 #: between 2^16 and 2^17 on 2^25 fp32 weights; benchmarks/engine.py --apply).
 CHUNK: Final = 1 << 16
 
-#: Whether CPU tensors take the NumPy kernels; off, the torch kernels that run on accelerators
-#: (so that those paths can be tested on CPU).
-NUMPY: bool = True
-
 #: Set bits in each byte value.
-_POPCOUNT: Final = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1).astype(np.int64)
+_POPCOUNT: Final = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1).astype(np.uint8)
+#: Bytes counted at a time by :meth:`PackedMask.kept` (its temporaries stay small).
+_COUNT_BYTES: Final = 1 << 16
 #: dtypes zeroed through an integer view of the same width: (NumPy has no bf16; its fp16 is slow).
 _INT_VIEWS: Final = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
 _NUMPY_FLOATS: Final = (torch.float32, torch.float64)
@@ -44,7 +42,11 @@ def packed_size(numel: int) -> int:
 
 
 def _numpy(t: Tensor) -> bool:
-    return NUMPY and t.is_cpu
+    """NumPy or torch: the engine's one switch (``engine.kernels.NUMPY_KERNELS``), so that the
+    torch paths that run on accelerators are tested on CPU with the engine's."""
+    from ._engine import kernels  # the engine imports this module: bound at call time
+
+    return t.is_cpu and kernels.NUMPY_KERNELS
 
 
 def _shifts(device: torch.device) -> Tensor:
@@ -103,10 +105,15 @@ class PackedMask:
     def kept(self) -> int:
         """How many elements the mask keeps (counted once, then remembered)."""
         if self._kept is None:
-            if _numpy(self.data):
-                self._kept = int(_POPCOUNT[self.data.numpy()].sum())
-            else:
-                self._kept = int(((self.data.unsqueeze(-1) >> _shifts(self.device)) & 1).sum())
+            kept = 0
+            count = getattr(np, "bitwise_count", None)  # NumPy >= 2
+            for s in range(0, self.data.numel(), _COUNT_BYTES):
+                piece = self.data[s : s + _COUNT_BYTES]
+                if _numpy(piece):
+                    kept += int((count(piece.numpy()) if count else _POPCOUNT[piece.numpy()]).sum(dtype=np.int64))
+                else:
+                    kept += int(((piece.unsqueeze(-1) >> _shifts(piece.device)) & 1).sum())
+            self._kept = kept
         return self._kept
 
     def pruned(self) -> int:

@@ -31,10 +31,8 @@ def _numel(units: _Units) -> int:
 
 def _pruned(units: _Units) -> int:
     """Elements ``units.mask`` prunes."""
-    from ._engine.kernels import _count
-
     if units.size:
-        return (units.n - _count(units.mask)) * units.size
+        return (units.n - units.kept()) * units.size
     return int(units.sizes(0, units.n)[~units.mask].sum())
 
 

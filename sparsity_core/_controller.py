@@ -128,17 +128,17 @@ class _Sink(MutableMapping[str, torch.Tensor]):
         self.packed: dict[str, PackedMask] = {}
         self.done: list[str] = []
 
-    def __setitem__(self, name: str, mask: torch.Tensor) -> None:
+    def __setitem__(self, name: str, mask: torch.Tensor | PackedMask) -> None:
         tensor = self.tensors.get(name)
-        if tensor is None or not isinstance(mask, torch.Tensor) or mask.shape != tensor.shape:
-            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        if tensor is None or not isinstance(mask, (torch.Tensor, PackedMask)) or mask.shape != tensor.shape:
+            got = tuple(mask.shape) if isinstance(mask, (torch.Tensor, PackedMask)) else type(mask).__name__
             raise ValueError(
                 f"sparsifier {self.sparsifier!r} recorded a mask for {name!r} shaped {got}; "
                 + (f"the tensor is {tuple(tensor.shape)}" if tensor is not None else "it is not among the tensors asked for")
             )
         self.done.append(name)
         if self.hold:
-            self.packed[name] = PackedMask.pack(mask.to(torch.bool))
+            self.packed[name] = mask if isinstance(mask, PackedMask) else PackedMask.pack(mask.to(torch.bool))
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.packed[name].to_bool()

@@ -4,7 +4,7 @@ of masks any sparsifier returns."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from .._bounds import select_bounded
 from . import kernels
 from .kernels import _all_finite, _count, apply_mask_, Tensor
-from .units import _Blocks, _Elements, _Units, Scorer
+from .._bits import PackedMask
+from .units import _Blocks, _Elements, _PackedElements, _Units, Scorer
 from .selection import select
 from .patterns import nm_mask
 
@@ -26,17 +27,21 @@ def score_masks(
     sparsifier: ScoreSparsifier,
     tensors: Mapping[str, Tensor],
     levels: Mapping[str, float],
-    applied: dict[str, Tensor] | None = None,
+    applied: MutableMapping[str, Tensor | PackedMask] | None = None,
     *,
     context: MaskContext | None = None,
-) -> dict[str, Tensor]:
+) -> MutableMapping[str, Tensor | PackedMask]:
     """Bool keep masks for a ``ScoreSparsifier``: names are grouped by their resolved spec
     (overrides may change level, pattern and scope per name); ``global`` groups share one
     threshold, everything else is selected tensor by tensor.
 
-    With ``applied`` (a dict), each tensor is also masked in place as soon as its mask is final
-    (N:M: piece by piece, while the piece is in cache) and its mask is recorded there at once, so
-    that a caller interrupted by an error knows which tensors already carry their new mask.
+    With ``applied`` (a mutable mapping), each tensor is also masked in place as soon as its mask
+    is final (N:M: piece by piece, while the piece is in cache) and its mask is handed over there
+    at once, so that a caller interrupted by an error knows which tensors already carry their new
+    mask. The masks are then not kept here, and unstructured ones are made packed (a
+    :class:`~sparsity_core._bits.PackedMask`, 1 bit per element, even during a global selection):
+    the caller keeps or drops each one, so no bool mask of every tensor ever exists at once, and
+    ``applied`` itself is returned.
 
     ``context`` orients each tensor (N:M and blocks along its reduction axis) and, unless the
     sparsifier declares regrowth, keeps its currently pruned elements pruned (nested masks): they
@@ -49,12 +54,15 @@ def score_masks(
     nested = context is not None and not sparsifier.capabilities.regrowth
     current = context.current if nested else {}  # type: ignore[union-attr]
 
-    def done(name: str, mask: Tensor, fused: bool = False) -> None:
-        masks[name] = mask
-        if applied is not None:
-            if not fused:
-                apply_mask_(tensors[name], mask)
-            applied[name] = mask
+    def done(name: str, mask: Tensor | PackedMask, fused: bool = False) -> None:
+        if applied is None:
+            masks[name] = mask.to_bool() if isinstance(mask, PackedMask) else mask
+            return
+        if isinstance(mask, PackedMask):
+            mask.apply_(tensors[name])
+        elif not fused:
+            apply_mask_(tensors[name], mask)
+        applied[name] = mask  # handed over, not kept
 
     def scorer(name: str) -> Scorer:
         keep = current.get(name)
@@ -85,7 +93,7 @@ def score_masks(
             elif pattern.kind == "unstructured" and tensor.numel() <= kernels.SMALL:
                 small.append((name, max(level * tensor.numel(), pruned_now(name))))
             else:
-                units = _units(scorer(name), pattern)
+                units = _units(scorer(name), pattern, apply)
                 select([units], max(level * tensor.numel(), pruned_now(name, units)))
                 done(name, units.element_mask())
         if small:
@@ -93,19 +101,20 @@ def score_masks(
             small_masks = _select_small(
                 sparsifier, [tensors[n] for n in small_names], small_names, [current.get(n) for n in small_names], [t for _, t in small]
             )
-            for (name, _), mask in zip(small, small_masks):
-                masks[name] = mask
-            if applied is not None:
-                _mask_many([tensors[n] for n, _ in small], small_masks)
-                applied.update((n, m) for (n, _), m in zip(small, small_masks))
+            if applied is None:
+                masks.update(zip(small_names, small_masks))
+            else:
+                _mask_many([tensors[n] for n in small_names], small_masks)
+                applied.update(zip(small_names, small_masks))
         for names in groups.values():
-            group = [_units(scorer(n), sparsifier.spec_for(n).parsed_pattern) for n in names]  # type: ignore[attr-defined]
+            group = [_units(scorer(n), sparsifier.spec_for(n).parsed_pattern, apply) for n in names]  # type: ignore[attr-defined]
             target = sum(levels[n] * tensors[n].numel() for n in names)
             floors = [int(pruned_now(n, u)) for n, u in zip(names, group)]  # per-tensor bounds (no layer emptied): _bounds.py
             select_bounded(group, max(target, sum(floors)), sparsifier.spec_for(names[0]), floors)
-            for n, units in zip(names, group):
-                done(n, units.element_mask())
-    return {n: masks[n] for n in tensors}
+            for i, n in enumerate(names):
+                done(n, group[i].element_mask())
+                group[i] = None  # type: ignore[call-overload]  # its mask is handed over: let it go
+    return {n: masks[n] for n in tensors} if applied is None else applied
 
 
 def _select_small(
@@ -159,10 +168,12 @@ def _mask_many(tensors: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
         torch._foreach_mul_(ts, ms)
 
 
-def _units(scorer: Scorer, pattern: object) -> _Units:
+def _units(scorer: Scorer, pattern: object, packed: bool = False) -> _Units:
+    """The units of ``pattern`` over the scorer's tensor; elements held packed when ``packed``."""
     kind, a, b = pattern  # type: ignore[misc]
+    elements = _PackedElements if packed else _Elements
     if scorer.tensor.numel() == 0:  # nothing to keep or prune, and no matrix view to cut in blocks
-        return _Elements(scorer)
+        return elements(scorer)
     if kind == "channel":
         return _Blocks(scorer, 1, max(1, scorer.shape2d[1]))
     if kind == "block" and (a, b) != (1, 1):
@@ -175,7 +186,7 @@ def _units(scorer: Scorer, pattern: object) -> _Units:
                 f"(overrides) or leave it out (exclude)"
             )
         return _Blocks(scorer, a, b)
-    return _Elements(scorer)
+    return elements(scorer)
 
 
 def _check_level(name: str, level: float) -> float:

@@ -26,7 +26,7 @@ def select(units: Sequence[_Units], target: float) -> None:
         k = min(max(round(target / size), 0), total)
         if k == 0 or k == total:
             for u in units:
-                u.mask.fill_(k == 0)
+                u.fill(k == 0)
             return
     if total <= kernels.EXACT or not _select_bracketed(units, target, size):
         _select_exact(units, target, size)
@@ -35,11 +35,11 @@ def select(units: Sequence[_Units], target: float) -> None:
 
 
 def _select_exact(units: Sequence[_Units], target: float, size: int) -> None:
-    scores = torch.cat([s.to(units[0].mask.device) for u in units for _, s in u.pieces()])
+    scores = torch.cat([s.to(units[0].device) for u in units for _, s in u.pieces()])
     if size:
         keep = _keep_above_kth(scores, min(max(round(target / size), 0), scores.numel()))
     else:
-        weights = torch.cat([u.sizes(0, u.n) if not u.size else torch.full((u.n,), u.size, device=u.mask.device) for u in units])
+        weights = torch.cat([u.sizes(0, u.n) if not u.size else torch.full((u.n,), u.size, device=u.device) for u in units])
         order = torch.argsort(scores, stable=True)
         cum = torch.cat([weights.new_zeros(1), torch.cumsum(weights[order], 0)])
         n_prune = int(torch.argmin((cum.double() - target).abs()))
@@ -47,7 +47,7 @@ def _select_exact(units: Sequence[_Units], target: float, size: int) -> None:
         keep[order[:n_prune]] = False
     offset = 0
     for u in units:
-        u.mask.copy_(keep[offset : offset + u.n])
+        u.set_mask(keep[offset : offset + u.n])
         offset += u.n
 
 
@@ -112,7 +112,7 @@ def _select_bracketed(units: Sequence[_Units], target: float, size: int) -> bool
     for i, u in enumerate(units):
         first = n_cand
         for start, s in u.pieces():
-            m = u.mask[start : start + s.numel()]
+            m = u.piece_mask(start, s.numel())
             _ge_into(s, hi, m)
             pos = _in_bracket(s, m, lo)
             c = pos.numel()
@@ -133,6 +133,7 @@ def _select_bracketed(units: Sequence[_Units], target: float, size: int) -> bool
                 pos_buf[n_cand : n_cand + c] = pos
                 pos_buf[n_cand : n_cand + c] += start
                 n_cand += c
+            u.piece_written(start, m)
         spans.append((i, first, n_cand))
         if len(units) > 1:
             u.release()
@@ -152,8 +153,7 @@ def _select_bracketed(units: Sequence[_Units], target: float, size: int) -> bool
         keep = torch.ones(n_cand, dtype=torch.bool)
         keep[order[:n_prune]] = False
     for i, first, last in spans:
-        pos = pos_buf[first:last][keep[first:last]].long()
-        units[i].mask[pos.to(units[i].mask.device)] = True
+        units[i].keep_units(pos_buf[first:last][keep[first:last]].long())
     return True
 
 
@@ -170,10 +170,11 @@ def _select_ties(units: Sequence[_Units], value: float, k: int) -> bool:
     below = 0
     for u in units:
         for start, s in u.pieces():
-            m = u.mask[start : start + s.numel()]
+            m = u.piece_mask(start, s.numel())
             _ge_into(s, value, m)
             below += s.numel() - _count(m)
             np.greater(_np(s), value, out=_np(m)) if _numpy_kernels(s) else m.logical_and_(s != value)
+            u.piece_written(start, m)
         if len(units) > 1:
             u.release()
     remaining = k - below
@@ -185,7 +186,7 @@ def _select_ties(units: Sequence[_Units], value: float, k: int) -> bool:
             if remaining >= ties.numel():
                 remaining -= ties.numel()
                 continue
-            u.mask[ties[remaining:].to(u.mask.device) + start] = True
+            u.keep_units(ties[remaining:] + start)
             remaining = 0
         if len(units) > 1:
             u.release()

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from .._bits import PackedMask, packed_size
 from .._layers import TensorLayout, generic_layout
 from . import kernels
-from .kernels import _all_finite, Tensor
+from .kernels import _all_finite, _count, Tensor
 
 if TYPE_CHECKING:
     from .._base import ScoreSparsifier
@@ -122,11 +123,37 @@ class _Units:
     def sizes(self, start: int, end: int) -> Tensor:
         raise NotImplementedError
 
-    def element_mask(self) -> Tensor:
+    def element_mask(self) -> Tensor | PackedMask:
         raise NotImplementedError
 
     def release(self) -> None:
         pass
+
+    # How a selection writes the keep mask over the units (a bool tensor here; packed bits for
+    # :class:`_PackedElements`, so that a global group never holds a byte per weight).
+    @property
+    def device(self) -> torch.device:
+        return self.mask.device
+
+    def piece_mask(self, start: int, count: int) -> Tensor:
+        """Where the keep mask of units ``start:start+count`` is written (then :meth:`piece_written`)."""
+        return self.mask[start : start + count]
+
+    def piece_written(self, start: int, m: Tensor) -> None:
+        pass
+
+    def keep_units(self, index: Tensor) -> None:
+        """Keep the units at flat positions ``index`` (ascending)."""
+        self.mask[index.to(self.mask.device)] = True
+
+    def fill(self, keep: bool) -> None:
+        self.mask.fill_(keep)
+
+    def set_mask(self, keep: Tensor) -> None:
+        self.mask.copy_(keep)
+
+    def kept(self) -> int:
+        return _count(self.mask)
 
 
 class _Elements(_Units):
@@ -143,10 +170,67 @@ class _Elements(_Units):
     def at(self, index: Tensor) -> Tensor:
         return self.scorer.at(index)
 
-    def element_mask(self) -> Tensor:
+    def element_mask(self) -> Tensor | PackedMask:
         return self.mask.view(self.scorer.tensor.shape)
 
     def release(self) -> None:
+        self.scorer.release()
+
+
+class _PackedElements(_Elements):
+    """Elements whose keep mask is held packed, 1 bit each (see :mod:`sparsity_core._bits`): a
+    piece's mask is written to a reused bool buffer and packed as soon as the piece is done, so a
+    global group of any size holds an eighth of a byte per weight, not a byte."""
+
+    def __init__(self, scorer: Scorer) -> None:
+        self.scorer = scorer
+        self.n = scorer.tensor.numel()
+        self.size = 1
+        self.bits = torch.zeros(packed_size(self.n), dtype=torch.uint8, device=scorer.tensor.device)
+        self._buffer: Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.bits.device
+
+    def piece_mask(self, start: int, count: int) -> Tensor:
+        if self._buffer is None or self._buffer.numel() < count:
+            self._buffer = torch.empty(count, dtype=torch.bool, device=self.bits.device)
+        return self._buffer[:count]
+
+    def piece_written(self, start: int, m: Tensor) -> None:
+        assert start % 8 == 0, "pieces start at multiples of kernels.CHUNK"
+        self.bits[start >> 3 : (start + m.numel() + 7) >> 3] = PackedMask.pack(m).data
+
+    def keep_units(self, index: Tensor) -> None:
+        index = index.to(self.bits.device).long()
+        if index.numel() == 0:
+            return
+        # several kept units may share a byte: OR their bits within each byte first (index ascends)
+        byte, bit = index >> 3, torch.ones_like(index) << (index & 7)
+        starts = torch.ones_like(byte, dtype=torch.bool)
+        starts[1:] = byte[1:] != byte[:-1]
+        group = torch.cumsum(starts, 0) - 1
+        ors = torch.zeros(int(group[-1]) + 1, dtype=torch.int64, device=index.device).index_add_(0, group, bit)
+        self.bits[byte[starts]] |= ors.to(torch.uint8)
+
+    def fill(self, keep: bool) -> None:
+        self.bits.fill_(255 if keep else 0)
+        tail = self.n % 8
+        if keep and tail:
+            self.bits[-1] = (1 << tail) - 1  # pad bits stay clear
+
+    def set_mask(self, keep: Tensor) -> None:
+        self.bits.copy_(PackedMask.pack(keep.to(self.bits.device)).data)
+
+    def kept(self) -> int:
+        return PackedMask(self.bits, (self.n,)).kept()
+
+    def element_mask(self) -> PackedMask:
+        return PackedMask(self.bits, self.scorer.tensor.shape)
+
+    def release(self) -> None:
+        self._buffer = None
         self.scorer.release()
 
 

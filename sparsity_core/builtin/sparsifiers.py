@@ -101,12 +101,12 @@ class DataNorm(Sparsifier):
             assert isinstance(spec, DataNormSpec)
             block = spec.sparse_block_shape
             zeros = block[0] * block[1] if spec.zeros_per_block is None else spec.zeros_per_block
-            masks[name] = data_norm_mask(
-                name, tensor, float(levels[name]), block, zeros, spec.norm, apply=applied is not None
-            )
-            if applied is not None:
-                applied[name] = masks[name]
-        return masks
+            mask = data_norm_mask(name, tensor, float(levels[name]), block, zeros, spec.norm, apply=applied is not None)
+            if applied is None:
+                masks[name] = mask
+            else:
+                applied[name] = mask  # handed over (the controller packs it), not kept here
+        return masks if applied is None else applied
 
 
 BUILTIN_SPARSIFIERS = [Magnitude, Random, DataNorm]
