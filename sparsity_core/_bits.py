@@ -27,6 +27,10 @@ Tensor = torch.Tensor
 #: between 2^16 and 2^17 on 2^25 fp32 weights; benchmarks/engine.py --apply).
 CHUNK: Final = 1 << 16
 
+#: Elements unpacked at a time by the torch kernels (accelerators): each piece is a few kernel
+#: launches, so pieces are large there; memory is not the constraint it is on the host.
+TORCH_CHUNK: Final = 1 << 24
+
 #: Set bits in each byte value.
 _POPCOUNT: Final = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1).astype(np.uint8)
 #: Bytes counted at a time by :meth:`PackedMask.kept` (its temporaries stay small).
@@ -180,8 +184,8 @@ class PackedMask:
             return
         flat = t.view(-1)
         mask = PackedMask(data, self.shape, self._kept) if data is not self.data else self
-        for s in range(0, n, CHUNK):
-            e = min(n, s + CHUNK)
+        for s in range(0, n, TORCH_CHUNK):
+            e = min(n, s + TORCH_CHUNK)
             flat[s:e].mul_(mask.unpack(s, e))
 
 

@@ -58,12 +58,12 @@ def damaged(change: str) -> dict[str, Any]:
     [
         ("all-False mask", r"mask of '0.weight' prunes 2048 elements, but 1024 were pruned"),
         ("missing mask", r"no mask for covered tensor '2.weight', whose saved level is 0.5"),
-        ("mask as list", r"mask of '0.weight' is a list, not a bool tensor"),
+        ("mask as list", r"mask of '0.weight' is a list, not a packed uint8 tensor"),
         ("mask None", r"mask of '0.weight' is None"),
         ("level not a number", r"level of '0.weight' must be a number in \[0, 1\], got 'half'"),
         ("level a bool", r"level of '0.weight' must be a number in \[0, 1\], got True"),
         ("no levels", r"missing \['levels'\]"),
-        ("float mask", r"mask of '0.weight' has dtype torch.float32, not torch.bool"),
+        ("float mask", r"mask of '0.weight' has dtype torch.float32, not torch.uint8 \(packed, 8 elements a byte\) or torch.bool"),
     ],
 )
 def test_a_damaged_state_is_refused_whole_before_anything_is_applied(change: str, message: str) -> None:

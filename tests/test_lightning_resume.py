@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -114,8 +116,10 @@ def test_checkpoint_holds_masks_and_loads_with_weights_only(tmp_path: Path) -> N
     (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("TrainingAwareSparsity")]
     assert state["controller"]["t"] == 1.0
     assert state["controller"]["levels"]["0.weight"] == pytest.approx(0.25)
-    mask = state["controller"]["masks"]["0.weight"]
-    assert mask.dtype == torch.bool and float((~mask).float().mean()) == pytest.approx(0.25, abs=0.01)
+    packed, shape = state["controller"]["masks"]["0.weight"], state["controller"]["shapes"]["0.weight"]
+    assert packed.dtype == torch.uint8  # 1 bit per weight, NumPy's little-endian bit order
+    mask = torch.from_numpy(np.unpackbits(packed.numpy(), count=math.prod(shape), bitorder="little")).bool().view(shape)
+    assert float((~mask).float().mean()) == pytest.approx(0.25, abs=0.01)
 
 
 def test_two_callbacks_on_different_submodules_keep_separate_state() -> None:

@@ -199,8 +199,15 @@ class _PackedElements(_Elements):
         return self._buffer[:count]
 
     def piece_written(self, start: int, m: Tensor) -> None:
-        assert start % 8 == 0, "pieces start at multiples of kernels.CHUNK"
-        self.bits[start >> 3 : (start + m.numel() + 7) >> 3] = PackedMask.pack(m).data
+        end = start + m.numel()
+        b0, b1 = start >> 3, (end + 7) >> 3
+        if start % 8 == 0 and (end % 8 == 0 or end == self.n):
+            self.bits[b0:b1] = PackedMask.pack(m).data
+            return
+        # a piece off byte boundaries (kernels.CHUNK not a multiple of 8): keep its neighbours' bits
+        region = PackedMask(self.bits[b0:b1], ((b1 - b0) * 8,)).to_bool().clone()
+        region[start - 8 * b0 : end - 8 * b0] = m.to(region.device)
+        self.bits[b0:b1] = PackedMask.pack(region).data
 
     def keep_units(self, index: Tensor) -> None:
         index = index.to(self.bits.device).long()
