@@ -137,15 +137,17 @@ class PackedMask:
 
     # -- unpacking -----------------------------------------------------------------------------
     def unpack(self, start: int = 0, stop: int | None = None) -> Tensor:
-        """Flat bool keep mask of elements ``start:stop`` (``start`` a multiple of 8)."""
+        """Flat bool keep mask of elements ``start:stop`` (only their bytes are unpacked)."""
         stop = self.numel if stop is None else stop
-        if start % 8:
-            raise ValueError(f"unpack: start must be a multiple of 8, got {start}")
+        if not 0 <= start <= stop <= self.numel:
+            raise ValueError(f"unpack: elements {start}:{stop} are outside the mask's {self.numel}")
+        skip = start % 8  # a start inside a byte: unpack from the byte's first element
         piece = self.data[start >> 3 : (stop + 7) >> 3]
         if _numpy(piece):
-            return torch.from_numpy(np.unpackbits(piece.numpy(), count=stop - start, bitorder="little").view(np.bool_))
+            bits = np.unpackbits(piece.numpy(), count=stop - start + skip, bitorder="little").view(np.bool_)
+            return torch.from_numpy(bits[skip:] if skip else bits)
         bits = (piece.unsqueeze(-1) >> _shifts(piece.device)) & 1
-        return bits.view(-1)[: stop - start].bool()
+        return bits.view(-1)[skip : stop - start + skip].bool()
 
     def to_bool(self) -> Tensor:
         """The bool mask, unpacked whole (one byte per element)."""

@@ -61,10 +61,12 @@ def test_unpacking_a_piece_and_reading_positions(kernels: bool) -> None:
     mask = random_mask((1001,), seed=2)
     packed = PackedMask.pack(mask)
     assert torch.equal(packed.unpack(16, 803), mask[16:803])
+    assert torch.equal(packed.unpack(3, 10), mask[3:10]) and torch.equal(packed.unpack(997), mask[997:])
+    assert packed.unpack(5, 5).numel() == 0
     index = torch.tensor([0, 7, 8, 500, 1000, 999])
     assert torch.equal(packed.at(index), mask[index])
-    with pytest.raises(ValueError, match="multiple of 8"):
-        packed.unpack(3, 10)
+    with pytest.raises(ValueError, match="elements 990:1002 are outside the mask's 1001"):
+        packed.unpack(990, 1002)
 
 
 def test_only_bool_masks_pack_and_data_must_fit_the_shape() -> None:
@@ -358,3 +360,33 @@ def test_sparsify_drops_each_mask_once_applied(monkeypatch: pytest.MonkeyPatch) 
         assert float((layer.weight == 0).float().mean()) == pytest.approx(0.8, abs=0.02)
     report = sc.sparsify(mlp(), "data_norm", {"sparsity_level": 0.5})  # the other fused path
     assert held == [0, 0] and report.overall == pytest.approx(0.5, abs=0.05)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"sparsity_level": 0.9, "scope": "global"},
+        {"sparsity_level": 0.8},
+        {"sparsity_level": 0.6, "pattern": "2x2"},
+        {"sparsity_level": 0.5, "pattern": "channel"},
+    ],
+)
+def test_a_gradual_update_reads_the_packed_masks_in_force_as_the_bool_ones(args: dict[str, Any]) -> None:
+    # the selection gets the controller's masks packed (unpacked a piece at a time): the same
+    # nested masks as with the bool masks in a plain MaskContext
+    from sparsity_core._contract import MaskContext
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(600, 300), nn.Linear(300, 500), nn.Conv2d(8, 16, 3))
+    c = SparsityController(model, "magnitude", args, "linear", {"end": 2})
+    c.step(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # training moved the weights (pruned ones too)
+    weights = {n: t.detach().clone() for n, t in c.tensors.items()}
+    context = MaskContext(current={n: c.masks[n] for n in c.masks}, layouts=dict(c.layouts))
+    expected = engine.score_masks(c.sparsifier, weights, c.levels_at(2), context=context)
+    c.step(2)
+    for name, mask in expected.items():
+        assert torch.equal(c.masks[name], mask), name
+        assert not (c.masks[name] & ~context.current[name]).any()  # nested: nothing revived

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .._bounds import select_bounded
 from . import kernels
 from .kernels import _all_finite, _count, apply_mask_, Tensor
-from .._bits import PackedMask
+from .._bits import MaskView, PackedMask
 from .units import _Blocks, _Elements, _PackedElements, _Units, Scorer
 from .selection import select
 from .patterns import nm_mask
@@ -53,6 +53,8 @@ def score_masks(
     layouts = context.layouts if context is not None else {}
     nested = context is not None and not sparsifier.capabilities.regrowth
     current = context.current if nested else {}  # type: ignore[union-attr]
+    # the controller's masks in force, packed: read a piece at a time instead of unpacked whole
+    packed_current = current.packed() if isinstance(current, MaskView) else {}
 
     def done(name: str, mask: Tensor | PackedMask, fused: bool = False) -> None:
         if applied is None:
@@ -65,12 +67,14 @@ def score_masks(
         applied[name] = mask  # handed over, not kept
 
     def scorer(name: str) -> Scorer:
-        keep = current.get(name)
+        keep = packed_current.get(name) if name in packed_current else current.get(name)
         return Scorer(sparsifier, name, tensors[name], layouts.get(name), keep.to(tensors[name].device) if keep is not None else None)
 
     def pruned_now(name: str, units: _Units | None = None) -> float:
         """Elements the current mask prunes; for blocks and channels, the elements of every unit
         holding a pruned element (the whole unit is pruned again, so it counts whole)."""
+        if name in packed_current and not isinstance(units, _Blocks):
+            return packed_current[name].pruned()
         keep = current.get(name)
         if keep is None:
             return 0

@@ -25,7 +25,8 @@ class Scorer:
     ``layout`` orients the tensor: :meth:`rows` reads rows of its ``[outputs, reduction]`` matrix
     view (see :mod:`._layers`). ``keep``, the current mask (contract v2's nested policy), forces
     every currently pruned element to score ``-inf``: it is pruned again first, and the level is
-    still met exactly by the selection."""
+    still met exactly by the selection. It may be packed (the controller's 1-bit masks): only the
+    piece of it in hand is then unpacked."""
 
     __slots__ = ("_flat", "_full", "elementwise", "keep", "layout", "name", "sparsifier", "tensor")
 
@@ -35,13 +36,14 @@ class Scorer:
         name: str,
         tensor: Tensor,
         layout: TensorLayout | None = None,
-        keep: Tensor | None = None,
+        keep: Tensor | PackedMask | None = None,
     ) -> None:
         self.sparsifier = sparsifier
         self.name = name
         self.tensor = tensor.detach()
         self.layout = layout if layout is not None else generic_layout()
-        self.keep = keep if keep is None or not bool(keep.all()) else None
+        prunes = keep is not None and (keep.prunes() if isinstance(keep, PackedMask) else not bool(keep.all()))
+        self.keep = keep if prunes else None
         self.elementwise = bool(getattr(sparsifier, "elementwise", False))
         self._full: Tensor | None = None
         self._flat: Tensor | None = None
@@ -75,23 +77,36 @@ class Scorer:
     def full(self) -> Tensor:
         """The whole score tensor (kept until :meth:`release`)."""
         if self._full is None:
-            self._full = self._score(self.tensor, self.keep).contiguous()
+            keep = self.keep.to_bool() if isinstance(self.keep, PackedMask) else self.keep
+            self._full = self._score(self.tensor, keep).contiguous()
         return self._full
 
     def piece(self, start: int, end: int) -> Tensor:
         if self.elementwise:
-            keep = None if self.keep is None else self.keep.reshape(-1)[start:end]
+            keep = self.keep
+            if keep is not None:
+                keep = keep.unpack(start, end) if isinstance(keep, PackedMask) else keep.reshape(-1)[start:end]
             return self._score(self.flat[start:end], keep)
         return self.full().view(-1)[start:end]
 
     def rows(self, r0: int, r1: int) -> Tensor:
         """Scores of rows ``r0:r1`` of the matrix view."""
         if self.elementwise:
-            keep = None if self.keep is None else self.layout.matrix(self.keep)[r0:r1]
+            keep = self.keep
+            if isinstance(keep, PackedMask):
+                if self.layout.is_identity(self.tensor.dim()):  # rows of the view are a flat range
+                    cols = self.shape2d[1]
+                    keep = keep.unpack(r0 * cols, r1 * cols).view(r1 - r0, cols)
+                else:
+                    keep = self.layout.matrix(keep.to_bool())[r0:r1]
+            elif keep is not None:
+                keep = self.layout.matrix(keep)[r0:r1]
             return self._score(self.layout.matrix(self.tensor)[r0:r1], keep)
         return self.layout.matrix(self.full())[r0:r1]
 
     def at(self, index: Tensor) -> Tensor:
+        if isinstance(self.keep, PackedMask) and self.elementwise:
+            return self._score(self.flat[index.to(self.flat.device)], self.keep.at(index)).cpu()
         if self.elementwise:
             keep = None if self.keep is None else self.keep.reshape(-1)[index.to(self.keep.device)]
             return self._score(self.flat[index.to(self.flat.device)], keep).cpu()
