@@ -34,6 +34,7 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/imports.py
 	$(PY) benchmarks/engine.py
+	$(PY) benchmarks/masks.py
 	$(PY) benchmarks/callbacks.py
 	$(PY) benchmarks/sequential.py
 	$(PY) benchmarks/small_tensors.py
