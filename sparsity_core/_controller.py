@@ -557,7 +557,7 @@ class SparsityController:
         grad = param.grad
         if mask is not None and grad is not None and mask.prunes():
             with torch.no_grad():
-                if grad.layout is torch.strided and grad.is_contiguous():
+                if grad.layout is torch.strided:
                     mask.apply_(grad)
                 else:  # a sparse gradient (nn.Embedding(sparse=True)) stays sparse
                     param.grad = grad * mask.to_bool().to(grad.device)
