@@ -27,12 +27,14 @@ STATE_VERSION = 3
 SPOT_CHECK = 1024
 #: Tensors of at most this many elements are re-masked together, one foreach multiply per dtype.
 SMALL_TENSOR = 4096
-#: While an optimizer is attached with ``upkeep="weights"`` (masks re-applied after every step),
-#: the masks of these tensors are also held unpacked (one byte per weight, as before 1-bit masks):
-#: there a multiply by a bool mask measured faster than unpacking each step (fp32 on CPU, 100M
-#: parameters: 1.14x slower packed; benchmarks/masks.py). Everywhere else (CPU bf16/fp16, where
-#: the packed path zeroes through a 16-bit integer view and measured 6.7x faster than torch's bool
-#: multiply) the packed masks are applied directly and no byte-per-weight copy exists.
+#: While an optimizer is attached (masks applied to the weights after every step, or to the
+#: gradients at every backward), the masks of these tensors are also held unpacked (one byte per
+#: weight, as before 1-bit masks): there a multiply by a bool mask measured faster than unpacking
+#: each step (fp32 on CPU, 100M parameters: packed 1.06-1.14x the bool multiply; benchmarks/masks.py;
+#: on accelerators a guess, unmeasured: torch unpacks in several kernels). Everywhere else (CPU
+#: bf16/fp16, where the packed path zeroes through a 16-bit integer view and measured 5.6-6.7x
+#: faster than torch's bool multiply) the packed masks are applied directly and no byte-per-weight
+#: copy exists.
 def _unpacked_while_training(tensor: torch.Tensor) -> bool:
     return not (tensor.is_cpu and tensor.dtype in (torch.bfloat16, torch.float16))
 
@@ -221,9 +223,10 @@ class SparsityController:
         self._masks: dict[str, PackedMask] = {}
         #: Keep the masks after an update (off for a one-shot prune: each mask is dropped once applied).
         self._hold_masks = True
-        #: Set while an optimizer is attached that re-applies the masks after each step: the apply
-        #: plan then holds unpacked copies where those are faster (:func:`_unpacked_while_training`).
+        #: Set while an optimizer is attached: the masks its steps apply are then also held
+        #: unpacked where that is faster (:func:`_unpacked_while_training`), in ``_unpacked``.
         self._unpacked_for_steps = False
+        self._unpacked: dict[str, tuple[PackedMask, torch.Tensor]] = {}  # name -> (mask, its bool copy)
         self.t: float | None = None
         self._hooks: list[Any] = []
         self._grad_hooked: set[int] = set()  # ids of the parameters whose gradients are masked
@@ -446,13 +449,21 @@ class SparsityController:
                 ts, ms = groups.setdefault((tensor.dtype, tensor.device), ([], []))
                 ts.append(tensor.detach())
                 ms.append(mask.to_bool().to(tensor.device))
-            elif self._unpacked_for_steps and _unpacked_while_training(tensor):
-                steps.append((tensor, mask.to_bool().to(tensor.device)))
             else:
-                steps.append((tensor, mask))
+                steps.append((tensor, self._for_steps(name, mask, tensor)))
         steps.extend(groups.values())
         self._plan = (self._masks, steps)
         return steps
+
+    def _for_steps(self, name: str, mask: PackedMask, tensor: torch.Tensor) -> PackedMask | torch.Tensor:
+        """The mask to apply to ``tensor`` at each step: its unpacked copy while an optimizer is
+        attached and that is faster (made once per mask), else the packed mask."""
+        if not (self._unpacked_for_steps and _unpacked_while_training(tensor)):
+            return mask
+        held = self._unpacked.get(name)
+        if held is None or held[0] is not mask:
+            held = self._unpacked[name] = (mask, mask.to_bool().to(tensor.device))
+        return held[1]
 
     @staticmethod
     def _prunes(mask: PackedMask | torch.Tensor) -> bool:
@@ -513,9 +524,9 @@ class SparsityController:
                 self.observe_gradients(opt)
 
             self._hooks.append(optimizer.register_step_pre_hook(deliver))
+        self._unpacked_for_steps, self._plan = True, None
         if mode == "weights":
             handle = optimizer.register_step_post_hook(lambda *_: self.apply_masks())
-            self._unpacked_for_steps, self._plan = True, None
         else:
             # the state is zeroed at each mask update; a state loaded later (a resume) is zeroed too
             handle = optimizer.register_load_state_dict_post_hook(lambda opt: self._mask_state_of(opt))
@@ -558,7 +569,7 @@ class SparsityController:
         if mask is not None and grad is not None and mask.prunes():
             with torch.no_grad():
                 if grad.layout is torch.strided:
-                    mask.apply_(grad)
+                    _apply(self._for_steps(name, mask, grad), grad)
                 else:  # a sparse gradient (nn.Embedding(sparse=True)) stays sparse
                     param.grad = grad * mask.to_bool().to(grad.device)
 
@@ -591,7 +602,7 @@ class SparsityController:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        self._unpacked_for_steps, self._plan = False, None  # the unpacked copies go with the hooks
+        self._unpacked_for_steps, self._plan, self._unpacked = False, None, {}  # the unpacked copies go with the hooks
         self._grad_hooked.clear()
         self._optimizers = []
 

@@ -260,7 +260,7 @@ def test_attached_for_weight_upkeep_fp32_masks_are_held_unpacked_and_dropped_on_
     opt.step()
     assert all(not c.tensors[n][~m].any() for n, m in c.masks.items())
     c.detach()
-    assert c._plan is None
+    assert c._plan is None and c._unpacked == {}
     c.apply_masks()
     assert all(isinstance(mask, PackedMask) for _, mask in c._plan[1])  # type: ignore[index]
 
@@ -275,6 +275,8 @@ def test_gradient_upkeep_and_optimizer_state_use_the_packed_masks() -> None:
         opt.zero_grad()
         model(torch.randn(4, 33)).pow(2).sum().backward()
         opt.step()
+    assert set(c._unpacked) == set(c.masks)  # fp32: the gradient hooks multiply by bool copies
+    assert all(held[0] is c.masks.packed()[n] for n, held in c._unpacked.items())
     for name, mask in c.masks.items():
         assert not c.tensors[name][~mask].any()
         assert not c.tensors[name].grad[~mask].any()
