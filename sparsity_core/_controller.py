@@ -30,9 +30,9 @@ SMALL_TENSOR = 4096
 #: While an optimizer is attached (masks applied to the weights after every step, or to the
 #: gradients at every backward), the masks of these tensors are also held unpacked (one byte per
 #: weight, as before 1-bit masks): there a multiply by a bool mask measured faster than unpacking
-#: each step (fp32 on CPU, 100M parameters: packed 1.06-1.14x the bool multiply; benchmarks/masks.py;
+#: each step (fp32 on CPU, 100M parameters: packed 1.06-1.45x the bool multiply; benchmarks/masks.py;
 #: on accelerators a guess, unmeasured: torch unpacks in several kernels). Everywhere else (CPU
-#: bf16/fp16, where the packed path zeroes through a 16-bit integer view and measured 5.6-6.7x
+#: bf16/fp16, where the packed path zeroes through a 16-bit integer view and measured 5.6-7x
 #: faster than torch's bool multiply) the packed masks are applied directly and no byte-per-weight
 #: copy exists.
 def _unpacked_while_training(tensor: torch.Tensor) -> bool:
