@@ -634,13 +634,15 @@ class SparsityController:
 
     @torch.no_grad()
     def _mask_optimizer_state(
-        self, masks: Mapping[str, PackedMask], optimizers: list[torch.optim.Optimizer] | None = None
+        self, masks: Mapping[str, PackedMask | torch.Tensor], optimizers: list[torch.optim.Optimizer] | None = None
     ) -> None:
         """Zero the optimizer state of pruned entries (momentum buffers, Adam's moments: every
         state tensor shaped like its parameter) for the optimizers this controller is attached to."""
         optimizers = self._optimizers if optimizers is None else optimizers
         if not optimizers or not masks:
             return
+        if isinstance(masks, MaskView):  # controller.masks passed back: its packed masks, not unpacked
+            masks = masks.packed()
         by_param = {id(self.tensors[n]): m for n, m in masks.items()}
         for optimizer in optimizers:
             for param, state in optimizer.state.items():
@@ -649,7 +651,7 @@ class SparsityController:
                     continue
                 for value in state.values():
                     if isinstance(value, torch.Tensor) and value.shape == mask.shape:
-                        mask.apply_(value)
+                        _apply(mask, value)
 
     def _follow_live_parameters(self) -> None:
         """Masks follow the live parameter when a module's parameter was replaced by a new object
