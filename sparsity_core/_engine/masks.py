@@ -47,6 +47,10 @@ def score_masks(
     sparsifier declares regrowth, keeps its currently pruned elements pruned (nested masks): they
     score ``-inf``, and a level below what is already pruned is raised to it.
     """
+    if context is not None and context.shards is not None and any(n in context.shards.tensors for n in tensors):
+        from .distributed import shard_masks  # row shards (FSDP2): exact masks from local rows
+
+        return shard_masks(sparsifier, tensors, levels, applied, context)
     masks: dict[str, Tensor] = {}
     groups: dict[int, list[str]] = {}
     apply = applied is not None
@@ -71,18 +75,9 @@ def score_masks(
         return Scorer(sparsifier, name, tensors[name], layouts.get(name), keep.to(tensors[name].device) if keep is not None else None)
 
     def pruned_now(name: str, units: _Units | None = None) -> float:
-        """Elements the current mask prunes; for blocks and channels, the elements of every unit
-        holding a pruned element (the whole unit is pruned again, so it counts whole)."""
         if name in packed_current and not isinstance(units, _Blocks):
             return packed_current[name].pruned()
-        keep = current.get(name)
-        if keep is None:
-            return 0
-        if not isinstance(units, _Blocks):
-            return keep.numel() - _count(keep.contiguous())
-        hit = units.scorer.layout.matrix(~keep.to(units.mask.device)).float()
-        hit = F.max_pool2d(hit[None, None], (units.h, units.w), stride=(units.h, units.w), ceil_mode=True)[0, 0].reshape(-1) > 0
-        return float(int(hit.sum()) * units.size) if units.size else float(units.sizes(0, units.n)[hit].sum())
+        return _pruned_now(current.get(name), units)
 
     small: list[tuple[str, float]] = []  # unstructured, layer scope, few elements: selected together
     with torch.no_grad():
@@ -119,6 +114,18 @@ def score_masks(
                 done(n, group[i].element_mask())
                 group[i] = None  # type: ignore[call-overload]  # its mask is handed over: let it go
     return {n: masks[n] for n in tensors} if applied is None else applied
+
+
+def _pruned_now(keep: Tensor | None, units: _Units | None = None) -> float:
+    """Elements the current mask ``keep`` prunes; for blocks and channels, the elements of every
+    unit holding a pruned element (the whole unit is pruned again, so it counts whole)."""
+    if keep is None:
+        return 0
+    if not isinstance(units, _Blocks):
+        return keep.numel() - _count(keep.contiguous())
+    hit = units.scorer.layout.matrix(~keep.to(units.mask.device)).float()
+    hit = F.max_pool2d(hit[None, None], (units.h, units.w), stride=(units.h, units.w), ceil_mode=True)[0, 0].reshape(-1) > 0
+    return float(int(hit.sum()) * units.size) if units.size else float(units.sizes(0, units.n)[hit].sum())
 
 
 def _select_small(

@@ -27,12 +27,17 @@ _EXPORTS: dict[str, str] = {
     "Check": "._parametrize",
     "CheckResult": "._checks",
     "KitReport": "._kit",
+    "RankFailed": "._ranks",
+    "SimulatedCommunicator": "._ranks",
+    "SimulatedRanks": "._ranks",
     "assert_conforms": "._kit",
     "check_names": "._kit",
     "check_scheduler": "._kit",
     "check_sparsifier": "._kit",
+    "chunk_rows": "._ranks",
     "isolated_registry": "._isolation",
     "parametrize_with_checks": "._parametrize",
+    "shard_rows": "._ranks",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -56,3 +61,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._isolation import isolated_registry
     from ._kit import KitReport, assert_conforms, check_names, check_scheduler, check_sparsifier
     from ._parametrize import Check, parametrize_with_checks
+    from ._ranks import RankFailed, SimulatedCommunicator, SimulatedRanks, chunk_rows, shard_rows

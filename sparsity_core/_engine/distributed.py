@@ -1,0 +1,766 @@
+"""Exact masks from row shards (FSDP2 ``Shard(0)``): each rank holds rows of every sharded tensor
+and gets the local slice of the masks one process computes on the gathered tensors, with no
+weight gathered and a handful of small collectives per mask update, whatever the number of
+tensors.
+
+What is exact, and how
+- Units (elements, blocks) are numbered as one process numbers them: tensor order, then the flat
+  unit index. Under ``Shard(0)`` a rank's units are a contiguous range of that index whenever
+  they are whole on the rank (always for elements and for blocks one row high; ``HxW`` when the
+  shard's rows are aligned to H), so among equal scores the earlier tensor, then the earlier rank,
+  then the earlier position is pruned first.
+- A selection prunes, over the units of a tensor (layer scope) or of a group (global scope), the
+  lowest scores until ``round(level * n)`` units over the GLOBAL ``n`` (ragged blocks: the prefix
+  whose element count is closest to the target). It is found as a threshold ``t`` and a number of
+  ties at ``t`` to prune, then every rank decides its own units:
+  1. *Sample* (tensors of more than ``kernels.EXACT`` units): the stratified sample of one process
+     (same generator, same global indices); each rank scores the sampled units it holds and one
+     ``all_reduce(max)`` assembles it on every rank, so every rank brackets the cut ``[lo, hi)``
+     alike (and exactly as one process does). A mass of equal scores at the sampled quantile
+     (zeros after gradual pruning, quantised weights) takes the *ties* pass instead.
+  2. *One pass*: units ``>= hi`` are kept, those ``< lo`` counted, those in the bracket kept
+     aside (typically under 1 %). Small tensors skip the sample: all their units are candidates.
+  3. *One all_gather of counts* (every problem's at once): the weight below the bracket, in it,
+     and whether a rank overflowed; the bracket is checked globally, so every rank takes the
+     same branch. A miss or an overflow takes the exact fallback: the same search over all units.
+  4. *Radix search*: rounds of histograms of the candidates' order-preserving integer keys
+     (``all_reduce(sum)``, every problem's at once) narrow ``t`` to one float value (2 rounds
+     typically, 3 at most); no score is gathered.
+  5. *One all_gather of tie counts* by tensor and rank: an exclusive prefix over (tensor, rank)
+     tells each rank how many ties precede its own, so ties split in global order.
+- N:M groups and blocks are computed locally when every group is whole on its rank, and refused
+  on every rank together otherwise (one collective flag: no rank waits for another that raised).
+- Replicated tensors (no entry in ``shards.tensors``) are whole on every rank: selected locally
+  unless they share a global group with sharded tensors, where every rank holds them alike (their
+  counts are taken from rank 0 only).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .._bounds import bounds
+from .._shards import Communicator, Shard
+from . import kernels
+from .kernels import _count, _ge_into, _in_bracket, _np, _numpy_kernels, apply_mask_, Tensor
+from .patterns import nm_mask
+from .units import _Blocks, _Elements, _Units, Scorer
+
+if TYPE_CHECKING:
+    from .._base import ScoreSparsifier
+    from .._contract import MaskContext
+    from .._layers import TensorLayout
+
+#: Histogram bins of one radix round, shared by the problems searched at once (each gets at
+#: least :data:`MIN_BINS`): 2**16 narrows a float32 key range of 2**32 to one value in 2 rounds.
+BINS = 1 << 18
+MIN_BINS = 1 << 11
+
+_KEY_MASK = 0x7FFFFFFF
+
+
+def _keys(s: Tensor) -> Tensor:
+    """Order-preserving int64 keys of float32 scores: ``a < b`` iff ``key(a) < key(b)``, and
+    ``-0.0`` keyed as ``+0.0`` (they compare equal, so they must tie)."""
+    i = (s.to(torch.float32) + 0.0).view(torch.int32).to(torch.int64)
+    return torch.where(i < 0, i ^ _KEY_MASK, i)
+
+
+def _key_of(value: float) -> int:
+    return int(_keys(torch.tensor([value], dtype=torch.float32))[0])
+
+
+def _value_of(key: int) -> float:
+    i = key ^ _KEY_MASK if key < 0 else key
+    return float(torch.tensor([i], dtype=torch.int32).view(torch.float32)[0])
+
+
+_KEY_MIN = _key_of(-math.inf)
+_KEY_MAX = _key_of(math.inf)
+
+
+# -- what is selected --------------------------------------------------------------------------
+@dataclass(eq=False)
+class _Part:
+    """One tensor's units in a selection: the local units and where they sit globally."""
+
+    units: _Units
+    sharded: bool
+    n: int  # units of the global tensor
+    size: int  # elements per unit, globally (0: ragged blocks)
+    numel: int  # elements of the global tensor
+    start: int  # global index of this rank's first unit in the tensor
+    offset: int  # shard row offset: orders the ranks among equal scores
+    # filled by the selection
+    cand_pos: Tensor | None = None
+    cand_val: Tensor | None = None
+    cand_w: Tensor | None = None
+    cand_key: Tensor | None = None
+    tie_pos: Tensor | None = None
+    tie_w: Tensor | None = None
+
+
+@dataclass(eq=False)
+class _Problem:
+    """Prune the lowest-scoring units over ``parts`` (in order) to about ``target`` elements."""
+
+    parts: list[_Part]
+    target: float
+    # filled by the selection
+    uniform: bool = True
+    goal: float = 0.0  # units (uniform) or elements (ragged) to prune
+    mode: str = "bracket"  # bracket | ties | full | done
+    lo: float = -math.inf
+    hi: float = math.inf
+    overflow: bool = False
+    below: float = 0.0  # local, then global: weight certainly below the cut
+    cand: float = 0.0
+    small: bool = False  # no sample: every unit is a candidate
+    klo: int = _KEY_MIN
+    khi: int = _KEY_MAX
+    ties_local: list[float] = field(default_factory=list)
+    ties_table: Tensor | None = None  # ranks x parts: tie weight at the cut (ties mode)
+    offsets: Tensor | None = None  # ranks x parts: shard row offsets
+
+
+def _owned(part: _Part, rank: int) -> bool:
+    """Whether this rank's counts of ``part`` enter a sum over ranks (a replicated tensor: rank 0's)."""
+    return part.sharded or rank == 0
+
+
+def _weights(part: _Part, start: int, end: int, uniform: bool) -> Tensor | None:
+    return None if uniform else part.units.sizes(start, end)
+
+
+def select_many(problems: Sequence[_Problem], comm: Communicator) -> None:
+    """Every problem's selection at once (one set of collectives for all); writes each part's
+    ``units.mask``. Every rank passes the same problems in the same order."""
+    live: list[_Problem] = []
+    for p in problems:
+        total = sum(part.n for part in p.parts)
+        sizes = {part.size for part in p.parts}
+        size = sizes.pop() if len(sizes) == 1 else 0
+        p.uniform = bool(size)
+        if size:
+            k = min(max(round(p.target / size), 0), total)
+            if k == 0 or k == total:
+                for part in p.parts:
+                    part.units.mask.fill_(k == 0)
+                p.mode = "done"
+                continue
+            p.goal = float(k)
+        else:
+            p.goal = float(p.target)
+        live.append(p)
+    if not live:
+        return
+    for p in live:
+        p.small = sum(part.n for part in p.parts) <= kernels.EXACT
+    _sample_brackets([p for p in live if not p.small], comm)
+    for p in live:
+        _first_pass(p, comm.rank)
+    _gather_counts(live, comm)
+    _radix(live, comm)
+    _split_ties(live, comm)
+    for p in live:
+        for part in p.parts:
+            part.cand_pos = part.cand_val = part.cand_w = part.cand_key = part.tie_pos = part.tie_w = None
+            part.units.release()
+
+
+def _sample_index(total: int) -> Tensor:
+    """One process's stratified sample of ``total`` units (see ``selection._select_bracketed``)."""
+    gen = torch.Generator().manual_seed(0)
+    n_sample = min(kernels.SAMPLE, total)
+    stride = total / n_sample
+    index = torch.empty(n_sample, dtype=torch.int64)
+    for i0 in range(0, n_sample, 1 << 14):
+        i1 = min(n_sample, i0 + (1 << 14))
+        part = index[i0:i1]
+        part.copy_(torch.arange(i0, i1, dtype=torch.float64).mul_(stride))
+        part += torch.rand(i1 - i0, generator=gen, dtype=torch.float64).mul_(stride).long()
+    return index.clamp_(max=total - 1)
+
+
+def _sample_brackets(problems: Sequence[_Problem], comm: Communicator) -> None:
+    """Step 1: the sample of one process, assembled by one ``all_reduce(max)``; each problem's
+    bracket (or ties) decided from it exactly as one process decides."""
+    if not problems:
+        return
+    indexes = [_sample_index(sum(part.n for part in p.parts)) for p in problems]
+    values = torch.full((sum(i.numel() for i in indexes),), -math.inf, dtype=torch.float32)
+    at = 0
+    for p, index in zip(problems, indexes):
+        base = 0
+        for part in p.parts:
+            g0 = base + (part.start if part.sharded else 0)
+            g1 = g0 + part.units.n
+            lo_i, hi_i = torch.searchsorted(index, torch.tensor([g0, g1])).tolist()
+            if hi_i > lo_i:
+                values[at + lo_i : at + hi_i] = part.units.at(index[lo_i:hi_i] - g0).to(torch.float32)
+            base += part.n
+            if len(p.parts) > 1:
+                part.units.release()
+        at += index.numel()
+    values = comm.all_reduce(values, "max")
+    at = 0
+    for p, index in zip(problems, indexes):
+        ordered = _np(values[at : at + index.numel()].clone())
+        at += index.numel()
+        _bracket(p, ordered)
+
+
+def _bracket(p: _Problem, ordered: np.ndarray) -> None:
+    """``selection._select_bracketed``'s bracket and tie check on the assembled sample."""
+    n_sample = ordered.size
+    total = sum(part.n for part in p.parts)
+    q = p.goal / total if p.uniform else p.goal / sum(part.numel for part in p.parts)
+    spread = kernels.Z * math.sqrt(n_sample * q * (1 - q)) if 0 <= q <= 1 else 0.0
+    lo_rank, hi_rank = math.floor(q * n_sample - spread) - 1, math.ceil(q * n_sample + spread) + 1
+    ordered.sort()
+    lo = float(ordered[lo_rank]) if lo_rank >= 0 else -math.inf
+    if lo == -math.inf and ordered.size and ordered[-1] > -math.inf:
+        lo = float(ordered[np.searchsorted(ordered, -math.inf, "right")])
+    hi = float(ordered[hi_rank]) if hi_rank < n_sample else math.inf
+    p.lo, p.hi = lo, hi
+    if p.uniform:
+        at_q = float(ordered[min(max(round(q * n_sample), 1), n_sample) - 1])
+        ties = np.searchsorted(ordered, at_q, "right") - np.searchsorted(ordered, at_q, "left")
+        if ties > 2 * spread:  # a tie mass (zeros, say) straddles the cut
+            p.mode, p.lo, p.hi = "ties", at_q, at_q
+
+
+def _first_pass(p: _Problem, rank: int) -> None:
+    """Step 2 on this rank: keep ``>= hi``, count ``< lo``, keep the candidates aside (bracket);
+    or keep ``> v`` and count ``< v`` and ``== v`` (ties)."""
+    # far too many candidates (ties the sample missed): counted, not kept; the fallback runs
+    cap = math.inf if p.small else max(1 << 16, sum(part.units.n for part in p.parts) // 8)
+    held = 0
+    for part in p.parts:
+        below, cand, ties = 0.0, 0.0, 0.0
+        pos_l: list[Tensor] = []
+        val_l: list[Tensor] = []
+        w_l: list[Tensor] = []
+        for start, s in part.units.pieces():
+            m = part.units.mask[start : start + s.numel()]
+            if p.mode == "ties":  # uniform units only
+                _ge_into(s, p.lo, m)
+                at_or_above = _count(m)
+                np.greater(_np(s), p.lo, out=_np(m)) if _numpy_kernels(s) else m.logical_and_(s != p.lo)
+                below += s.numel() - at_or_above
+                ties += at_or_above - _count(m)
+                continue
+            w = _weights(part, start, start + s.numel(), p.uniform)
+            _ge_into(s, p.hi, m)
+            pos = _in_bracket(s, m, p.lo)
+            c = pos.numel()
+            if w is None:
+                below += s.numel() - _count(m) - c
+                cand += c
+            else:
+                wc = w[pos.to(w.device)]
+                below += float(w.sum() - w[m].sum() - wc.sum())
+                cand += float(wc.sum())
+            if p.overflow or not c:
+                continue
+            held += c
+            if held > cap:
+                p.overflow = True
+                continue
+            pos_l.append(pos.to(torch.int64) + start)
+            val_l.append(s[pos.to(s.device)].to(torch.float32).cpu())
+            if w is not None:
+                w_l.append(wc.cpu())
+        if p.mode == "ties":
+            p.ties_local.append(ties if _owned(part, rank) else 0.0)
+        elif not p.overflow:
+            part.cand_pos = torch.cat(pos_l) if pos_l else torch.empty(0, dtype=torch.int64)
+            part.cand_val = torch.cat(val_l) if val_l else torch.empty(0, dtype=torch.float32)
+            part.cand_w = (torch.cat(w_l) if w_l else torch.empty(0, dtype=torch.int64)) if not p.uniform else None
+        if _owned(part, rank):  # a replicated tensor is counted on rank 0 only
+            p.below += below
+            p.cand += cand
+        if len(p.parts) > 1:
+            part.units.release()
+    if p.overflow:
+        for part in p.parts:
+            part.cand_pos = part.cand_val = part.cand_w = None
+
+
+def _gather_counts(problems: Sequence[_Problem], comm: Communicator) -> None:
+    """Step 3: one all_gather of every problem's counts (below, candidates, overflow; ties by
+    tensor), and the branch every rank then takes alike."""
+    rows = []
+    for p in problems:
+        rows += [p.below, p.cand, float(p.overflow)]
+        rows += p.ties_local if p.mode == "ties" else []
+        rows += [float(part.offset) for part in p.parts]
+    table = torch.stack(comm.all_gather(torch.tensor(rows, dtype=torch.float64)))  # ranks x rows
+    at = 0
+    for p in problems:
+        below, cand, overflow = (float(x) for x in table[:, at : at + 3].sum(0))
+        at += 3
+        if p.mode == "ties":
+            ties = table[:, at : at + len(p.parts)]
+            at += len(p.parts)
+        offsets = table[:, at : at + len(p.parts)]
+        at += len(p.parts)
+        p.offsets = offsets
+        p.below = below
+        if p.mode == "ties":
+            if below <= p.goal <= below + float(ties.sum()):
+                p.klo = p.khi = _key_of(p.lo)
+                p.ties_table = ties
+            else:
+                p.mode, p.below = "full", 0.0
+        elif overflow or not below <= p.goal <= below + cand:
+            p.mode, p.below = "full", 0.0
+        else:
+            p.klo = _key_of(p.lo)
+            p.khi = _key_of(p.hi) - (p.hi != math.inf)
+
+
+def _local_keys(p: _Problem, rank: int) -> Callable[[], list[tuple[Tensor, Tensor | None]]]:
+    """The (keys, weights) this rank counts for ``p`` in a histogram round."""
+    if p.mode == "full":
+
+        def full() -> list[tuple[Tensor, Tensor | None]]:
+            out = []
+            for part in p.parts:
+                if _owned(part, rank):
+                    for start, s in part.units.pieces():
+                        k = _keys(s)
+                        inside = (k >= p.klo) & (k <= p.khi)
+                        w = _weights(part, start, start + s.numel(), p.uniform)
+                        out.append((k[inside], None if w is None else w[inside]))
+                if len(p.parts) > 1:
+                    part.units.release()
+            return out
+
+        return full
+    pairs = [(part.cand_key, part.cand_w) for part in p.parts if _owned(part, rank) and part.cand_key is not None]
+
+    def cands() -> list[tuple[Tensor, Tensor | None]]:
+        out = []
+        for k, w in pairs:
+            inside = (k >= p.klo) & (k <= p.khi)
+            out.append((k[inside], None if w is None else w[inside]))
+        return out
+
+    return cands
+
+
+def _radix(problems: Sequence[_Problem], comm: Communicator) -> None:
+    """Step 4: narrow each problem's key range ``[klo, khi]`` to the one key of its cut by
+    histogram rounds (one ``all_reduce`` a round for all problems)."""
+    for p in problems:
+        if p.mode == "bracket":
+            for part in p.parts:
+                assert part.cand_val is not None
+                part.cand_key = _keys(part.cand_val)
+    sources = {id(p): _local_keys(p, comm.rank) for p in problems}
+    while True:
+        open_ = [p for p in problems if p.klo < p.khi]
+        if not open_:
+            break
+        bins = max(MIN_BINS, BINS // len(open_))
+        hist = torch.zeros(len(open_), bins, dtype=torch.float64)
+        widths = []
+        for row, p in zip(hist, open_):
+            width = p.khi - p.klo + 1
+            nb = min(bins, width)
+            widths.append((width, nb))
+            for k, w in sources[id(p)]():
+                b = torch.div((k - p.klo) * nb, width, rounding_mode="floor")
+                row[:nb] += torch.bincount(b, weights=None if w is None else w.to(torch.float64), minlength=nb).to(torch.float64)
+        hist = comm.all_reduce(hist, "sum")
+        for row, p, (width, nb) in zip(hist, open_, widths):
+            cum = torch.cumsum(row[:nb], 0) + p.below
+            reached = torch.nonzero(cum >= p.goal).view(-1)
+            b = int(reached[0]) if reached.numel() else nb - 1
+            if b:
+                p.below = float(cum[b - 1])
+            p.klo, p.khi = p.klo + -(-b * width // nb), p.klo + -(-(b + 1) * width // nb) - 1
+
+
+def _split_ties(problems: Sequence[_Problem], comm: Communicator) -> None:
+    """Step 5: every unit below the cut pruned, above kept; the ties at the cut split in global
+    order (tensor, then rank, then position) from one all_gather of tie weights."""
+    rank = comm.rank
+    rows: list[float] = []
+    for p in problems:
+        t = _value_of(p.klo)
+        for part in p.parts:
+            if p.mode == "bracket":
+                val = part.cand_val
+                pos = part.cand_pos
+                assert val is not None and pos is not None
+                gt, eq = val > t, val == t
+                part.units.mask[pos[gt].to(part.units.mask.device)] = True
+                part.tie_pos = pos[eq]
+                part.tie_w = None if p.uniform else part.cand_w[eq]  # type: ignore[index]
+            else:  # ties, full: one more pass (the mask of full is decided here)
+                ties_l, w_l = [], []
+                for start, s in part.units.pieces():
+                    m = part.units.mask[start : start + s.numel()]
+                    if _numpy_kernels(s):
+                        np.greater(_np(s), t, out=_np(m))
+                        ties = torch.from_numpy(np.flatnonzero(_np(s) == t))
+                    else:
+                        torch.gt(s, t, out=m)
+                        ties = torch.nonzero(s == t).view(-1)
+                    if ties.numel():
+                        ties_l.append(ties + start)
+                        if not p.uniform:
+                            w_l.append(part.units.sizes(start, start + s.numel())[ties.to(part.units.mask.device)].cpu())
+                part.tie_pos = torch.cat(ties_l) if ties_l else torch.empty(0, dtype=torch.int64)
+                part.tie_w = None if p.uniform else (torch.cat(w_l) if w_l else torch.empty(0, dtype=torch.int64))
+                if len(p.parts) > 1:
+                    part.units.release()
+            if p.mode != "ties":
+                w = float(part.tie_pos.numel()) if part.tie_w is None else float(part.tie_w.sum())
+                rows.append(w if _owned(part, rank) else 0.0)
+    table = None
+    if rows:
+        table = torch.stack(comm.all_gather(torch.tensor(rows, dtype=torch.float64)))
+    at = 0
+    for p in problems:
+        offsets = p.offsets
+        assert offsets is not None
+        if p.mode == "ties":
+            ties = p.ties_table
+        else:
+            assert table is not None
+            ties = table[:, at : at + len(p.parts)]
+            at += len(p.parts)
+        before = p.below
+        for j, part in enumerate(p.parts):
+            mine = before
+            if part.sharded:
+                # ranks holding earlier rows (or the same rows, an empty shard, at a lower rank)
+                earlier = (offsets[:, j] < offsets[rank, j]) | ((offsets[:, j] == offsets[rank, j]) & (torch.arange(len(offsets)) < rank))
+                mine += float(ties[earlier, j].sum())
+                before += float(ties[:, j].sum())
+            else:
+                before += float(ties[0, j])
+            _prune_ties(part, mine, p.goal)
+
+
+def _prune_ties(part: _Part, before: float, goal: float) -> None:
+    """Keep or prune this rank's ties at the cut given the weight of the ties before them: the
+    prefix of the sorted order whose weight is closest to ``goal`` is pruned (exactly ``goal``
+    units when uniform)."""
+    pos = part.tie_pos
+    assert pos is not None
+    if not pos.numel():
+        return
+    if part.tie_w is None:
+        n_prune = int(min(max(goal - before, 0), pos.numel()))
+        keep = pos[n_prune:]
+    else:
+        w = part.tie_w.to(torch.float64)
+        after = before + torch.cumsum(w, 0)
+        prior = after - w
+        # one process prunes the prefix j of the sorted units minimising |cum_j - goal| (the
+        # first such j): a unit is pruned when its prefix ends short of the goal, or when it
+        # crosses the goal and ending after it is strictly closer than ending before it
+        prune = (after < goal) | ((prior < goal) & (goal <= after) & (after - goal < goal - prior))
+        keep = pos[~prune]
+    part.units.mask[keep.to(part.units.mask.device)] = True
+
+
+# -- the entry point ---------------------------------------------------------------------------
+def _prod(xs: Sequence[int]) -> int:
+    return math.prod(int(x) for x in xs)
+
+
+def _matrix_shape(shape: Sequence[int], layout: TensorLayout) -> tuple[int, int]:
+    """The ``[outputs, reduction]`` matrix shape of a tensor shaped ``shape`` (see ``_layers``)."""
+    if len(shape) <= 1:
+        return 1, _prod(shape)
+    perm = layout.permutation(len(shape))
+    return int(shape[perm[0]]), _prod([shape[d] for d in perm[1:]])
+
+
+def _rows_along_outputs(ndim: int, layout: TensorLayout) -> bool:
+    """Whether dim 0 (the sharded one) is the output axis: whole rows of the matrix view."""
+    return ndim >= 2 and layout.permutation(ndim)[0] == 0
+
+
+def _groups_whole(shape: Sequence[int], layout: TensorLayout, offset: int, rows: int, m: int) -> bool:
+    """Whether the groups of ``m`` consecutive columns of the matrix view (the last one may be
+    shorter) that hold this shard's elements are whole on it and grouped alike in its own matrix
+    view, when dim 0 runs along the columns (a 1-D tensor; transformers' Conv1D ``[in, out]``)."""
+    if rows == 0 or rows == shape[0]:
+        return True
+    ndim = len(shape)
+    if ndim <= 1:
+        outer, inner = 1, 1
+    else:
+        perm = layout.permutation(ndim)
+        p0 = perm.index(0)
+        outer, inner = _prod([shape[d] for d in perm[1:p0]]), _prod([shape[d] for d in perm[p0 + 1 :]])
+    total_rows, cols = int(shape[0]), outer * int(shape[0]) * inner
+    o = torch.arange(outer).view(-1, 1, 1)
+    i = torch.arange(offset, offset + rows).view(1, -1, 1)
+    s = torch.arange(inner).view(1, 1, -1)
+    global_col = ((o * total_rows + i) * inner + s).reshape(-1)  # this shard's columns, in its own order
+    local_group = torch.arange(global_col.numel()) // m
+    group = global_col // m
+    same = bool((group == group[local_group * m]).all())
+    local_size = torch.clamp(global_col.numel() - local_group * m, max=m)
+    global_size = torch.clamp(cols - group * m, max=m)
+    return same and bool((local_size == global_size).all())
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one sharded tensor is selected, and whether its shard can be."""
+
+    name: str
+    shard: Shard
+    rows: int  # this rank's rows
+    pattern: tuple[str, int, int]
+    rule: str  # the alignment rule it breaks ("" when it does not)
+
+
+def _plan(name: str, tensor: Tensor, shard: Shard, layout: TensorLayout, pattern: tuple[str, int, int]) -> _Plan:
+    shape = tuple(int(x) for x in shard.global_shape)
+    rows = int(tensor.shape[0]) if tensor.dim() else 0
+    if tuple(tensor.shape[1:]) != shape[1:] or not 0 <= shard.offset <= shard.offset + rows <= shape[0]:
+        rule = f"a shard is rows offset..offset+rows of the global shape {shape}, got a local shape {tuple(tensor.shape)} at offset {shard.offset}"
+    else:
+        rule = _rule(shape, layout, pattern, shard.offset, rows)
+    return _Plan(name, shard, rows, pattern, rule)
+
+
+def _rule(shape: tuple[int, ...], layout: TensorLayout, pattern: tuple[str, int, int], offset: int, rows: int) -> str:
+    """The alignment rule that rows ``offset..offset+rows`` break for ``pattern`` ("" if none):
+    every N:M group and block must be whole on one rank, numbered there as in one process."""
+    kind, a, b = pattern
+    end = offset + rows
+    along = _rows_along_outputs(len(shape), layout)
+    if kind == "n:m" and not along and not _groups_whole(shape, layout, offset, rows, b):
+        return (
+            f"N:M groups of {b} run along dim 0 here (the reduction axis of its [outputs, reduction] view), "
+            f"so every shard's offset and row count must be a multiple of {b} (the last shard may end the tensor)"
+        )
+    if kind not in ("channel", "block") or rows == 0 or rows == shape[0]:
+        return ""
+    h, w = (1, _matrix_shape(shape, layout)[1]) if kind == "channel" else (a, b)
+    if len(shape) <= 1:
+        if offset % w == 0 and (rows % w == 0 or end == shape[0]):
+            return ""
+        return f"its blocks of {w} run along dim 0, so every shard's offset and row count must be a multiple of {w} (the last shard may end the tensor)"
+    if not along:
+        return (
+            "its blocks run along dim 0 (the reduction axis of its [outputs, reduction] view), across the shards; "
+            "use pattern 'unstructured' or N:M for it (overrides) or leave it out (exclude)"
+        )
+    if h > 1 and not (offset % h == 0 and (rows % h == 0 or end == shape[0])):
+        return f"blocks are {h} rows high, so every shard's offset and row count must be a multiple of {h} (the last shard may end the tensor)"
+    return ""
+
+
+def _part(scorer: Scorer, plan: _Plan, layout: TensorLayout) -> _Part:
+    """The local units of a sharded tensor and where they sit in the global numbering."""
+    kind, a, b = plan.pattern
+    shape = tuple(int(x) for x in plan.shard.global_shape)
+    numel = _prod(shape)
+    if kind == "unstructured" or (kind == "block" and (a, b) == (1, 1)) or numel == 0:
+        units: _Units = _Elements(scorer)
+        return _Part(units, True, numel, 1, numel, plan.shard.offset * _prod(shape[1:]), plan.shard.offset)
+    rows, cols = _matrix_shape(shape, layout)
+    h, w = (1, max(1, cols)) if kind == "channel" else (a, b)
+    if kind == "block" and rows <= h and cols <= w and (rows, cols) != (h, w):
+        raise ValueError(
+            f"pattern '{h}x{w}' is larger than tensor {plan.name!r}: its [outputs, reduction] "
+            f"matrix view is [{rows}, {cols}] (shape {shape}), all inside one "
+            f"block, so it could only be kept or pruned whole; use a smaller block for it "
+            f"(overrides) or leave it out (exclude)"
+        )
+    rb, cb = -(-rows // h), -(-cols // w)
+    size = 0 if rows % h or cols % w else h * w
+    if scorer.tensor.numel() == 0:
+        units, start = _Elements(scorer), 0
+    else:
+        units = _Blocks(scorer, h, w)
+        if len(shape) <= 1:
+            start = plan.shard.offset // w
+        elif _rows_along_outputs(len(shape), layout):
+            start = plan.shard.offset // h * cb
+        else:  # whole on this rank (checked)
+            start = 0
+    return _Part(units, True, rb * cb, size, numel, start, plan.shard.offset)
+
+
+def _replicated_part(scorer: Scorer, pattern: tuple[str, int, int]) -> _Part:
+    from .masks import _units
+
+    units = _units(scorer, pattern)
+    numel = scorer.tensor.numel()
+    return _Part(units, False, units.n, units.size, numel, 0, 0)
+
+
+def _pruned(part: _Part) -> float:
+    u = part.units
+    if u.size:
+        return float((u.n - _count(u.mask)) * u.size)
+    return float(u.sizes(0, u.n)[~u.mask].sum()) if u.n else 0.0
+
+
+def _global_sums(parts: Sequence[_Part], values: Sequence[float], comm: Communicator) -> list[float]:
+    """Per-part sums over the ranks (a replicated part: its one value)."""
+    local = torch.tensor([v if _owned(p, comm.rank) else 0.0 for p, v in zip(parts, values)], dtype=torch.float64)
+    summed = comm.all_reduce(local, "sum").tolist()
+    return [s if p.sharded else v for p, s, v in zip(parts, summed, values)]
+
+
+def _select_bounded(parts: list[_Part], target: float, spec: object, floors: Sequence[float], comm: Communicator) -> None:
+    """``_bounds.select_bounded`` over global sizes and counts (see there)."""
+    numels = [p.numel for p in parts]
+    lo, hi = bounds(spec, numels, [int(f) for f in floors], target)
+    if all(l_ == 0 for l_ in lo) and all(h >= n for h, n in zip(hi, numels)):
+        select_many([_Problem(parts, target)], comm)
+        return
+    target = min(max(target, float(sum(lo))), float(sum(hi)))
+    active = list(range(len(parts)))
+    while active:
+        select_many([_Problem([parts[i] for i in active], target)], comm)
+        counts = dict(zip(active, _global_sums([parts[i] for i in active], [_pruned(parts[i]) for i in active], comm)))
+        over = {i: counts[i] - hi[i] for i in active if counts[i] > hi[i]}
+        under = {i: lo[i] - counts[i] for i in active if counts[i] < lo[i]}
+        if not over and not under:
+            return
+        fix, bound = (over, hi) if sum(over.values()) >= sum(under.values()) else (under, lo)
+        wants = []
+        for i in fix:
+            want, size = bound[i], parts[i].size
+            if size > 1:  # whole units only: stay inside the bound
+                want = (want // size if fix is over else -(-want // size)) * size
+            wants.append(_Problem([parts[i]], want))
+        select_many(wants, comm)
+        target -= sum(_global_sums([parts[i] for i in fix], [_pruned(parts[i]) for i in fix], comm))
+        active = [i for i in active if i not in fix]
+        target = max(target, 0.0)
+
+
+def shard_masks(
+    sparsifier: ScoreSparsifier,
+    tensors: Mapping[str, Tensor],
+    levels: Mapping[str, float],
+    applied: dict[str, Tensor] | None,
+    context: MaskContext,
+) -> dict[str, Tensor]:
+    """:func:`~sparsity_core._engine.score_masks` on row shards (``context.shards``): each
+    tensor in ``shards.tensors`` is this rank's rows; the masks are the local slices of the
+    masks of one process on the gathered tensors. Every rank calls it with the same names."""
+    from .masks import _check_level, _pruned_now, score_masks
+
+    shards = context.shards
+    assert shards is not None
+    comm = shards.comm
+    nested = not sparsifier.capabilities.regrowth
+    current = context.current if nested else {}
+    layouts = context.layouts
+
+    def layout(name: str) -> TensorLayout:
+        return context.layout(name, tensors[name])
+
+    def scorer(name: str) -> Scorer:
+        keep = current.get(name)
+        return Scorer(sparsifier, name, tensors[name], layouts.get(name), keep.to(tensors[name].device) if keep is not None else None)
+
+    specs = {n: sparsifier.spec_for(n) for n in tensors}
+    patterns = {n: tuple(specs[n].parsed_pattern) for n in tensors}  # type: ignore[attr-defined]
+    groups: dict[int, list[str]] = {}
+    for n in tensors:
+        if patterns[n][0] != "n:m" and specs[n].scope == "global":  # type: ignore[attr-defined]
+            groups.setdefault(id(specs[n]), []).append(n)
+    mixed = [names for names in groups.values() if any(n in shards.tensors for n in names)]
+    in_mixed = {n for names in mixed for n in names}
+    sharded = [n for n in tensors if n in shards.tensors and n not in in_mixed] + [n for names in mixed for n in names if n in shards.tensors]
+    local = [n for n in tensors if n not in shards.tensors and n not in in_mixed]
+
+    masks: dict[str, Tensor] = {}
+    if local:  # replicated tensors selected on their own: as in one process (no collective)
+        masks.update(score_masks(sparsifier, {n: tensors[n] for n in local}, levels, applied, context=replace(context, shards=None)))
+
+    def done(name: str, mask: Tensor, fused: bool = False) -> None:
+        masks[name] = mask
+        if applied is not None:
+            if not fused:
+                apply_mask_(tensors[name], mask)
+            applied[name] = mask
+
+    with torch.no_grad():
+        levels_ = {n: _check_level(n, levels[n]) for n in tensors if n not in local}
+        plans = {n: _plan(n, tensors[n], shards.tensors[n], layout(n), patterns[n]) for n in sharded}  # type: ignore[arg-type]
+        parts: dict[str, _Part] = {}
+        for n in sharded:
+            if patterns[n][0] != "n:m" and not plans[n].rule:
+                parts[n] = _part(scorer(n), plans[n], layout(n))
+        # one collective for the whole update: refusals, what is pruned now, where the shards are
+        row = []
+        for n in sharded:
+            part = parts.get(n)
+            pruned = _pruned_now(current.get(n), part.units if part is not None else None) if part is not None else 0.0
+            row += [float(bool(plans[n].rule)), pruned, float(plans[n].shard.offset), float(plans[n].rows)]
+        table = torch.stack(comm.all_gather(torch.tensor(row, dtype=torch.float64))).view(comm.world_size, len(sharded), 4)
+        _refuse(sharded, plans, table, comm.rank, layout)
+        pruned_now = {n: float(table[:, j, 1].sum()) for j, n in enumerate(sharded)}
+        for n in in_mixed - set(sharded):
+            parts[n] = _replicated_part(scorer(n), patterns[n])  # type: ignore[arg-type]
+            pruned_now[n] = _pruned_now(current.get(n), parts[n].units)
+
+        problems = []
+        for n in sharded:
+            if n in in_mixed:
+                continue
+            if patterns[n][0] == "n:m":
+                _, a, b = patterns[n]
+                done(n, nm_mask(scorer(n), a, b, levels_[n], applied is not None), fused=True)
+                continue
+            problems.append(_Problem([parts[n]], max(levels_[n] * parts[n].numel, pruned_now[n])))
+        select_many(problems, comm)
+        for n in sharded:
+            if n not in in_mixed and patterns[n][0] != "n:m":
+                done(n, parts[n].units.element_mask())
+        for names in mixed:
+            group = [parts[n] for n in names]
+            target = sum(levels_[n] * parts[n].numel for n in names)
+            floors = [int(pruned_now[n]) for n in names]
+            _select_bounded(group, max(target, float(sum(floors))), specs[names[0]], floors, comm)
+            for n in names:
+                done(n, parts[n].units.element_mask())
+    return {n: masks[n] for n in tensors}
+
+
+def _refuse(names: Sequence[str], plans: Mapping[str, _Plan], table: Tensor, comm_rank: int, layouts: Callable[[str], TensorLayout]) -> None:
+    """Raise on every rank when a shard breaks its pattern's alignment on any rank."""
+    bad = table[:, :, 0] > 0  # ranks x tensors
+    if not bool(bad.any()):
+        return
+    j = int(torch.nonzero(bad.any(0)).view(-1)[0])
+    name, plan = names[j], plans[names[j]]
+    layout = layouts(name)
+    ranks = torch.nonzero(bad[:, j]).view(-1).tolist()
+    where = ", ".join(f"rank {r} holds rows {int(table[r, j, 2])}..{int(table[r, j, 2] + table[r, j, 3])}" for r in ranks)
+    kind, a, b = plan.pattern
+    pattern = {"n:m": f"{a}:{b}", "channel": "channel", "block": f"{a}x{b}"}.get(kind, kind)
+    r = ranks[0]
+    rule = plan.rule if bad[comm_rank, j] else ""
+    if not rule:  # this rank's shard is fine: the rule broken elsewhere, from where that shard is
+        shape = tuple(int(x) for x in plan.shard.global_shape)
+        rule = _rule(shape, layout, plan.pattern, int(table[r, j, 2]), int(table[r, j, 3])) or f"rank {r}'s shard does not fit the global shape {shape}"
+    raise ValueError(
+        f"tensor {name!r} (global shape {tuple(plan.shard.global_shape)}, sharded by rows) cannot take pattern "
+        f"{pattern!r} on its shards: {where}; {rule}"
+    )
