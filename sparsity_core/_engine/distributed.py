@@ -59,7 +59,8 @@ if TYPE_CHECKING:
     from .._layers import TensorLayout
 
 #: Histogram bins of one radix round, shared by the problems searched at once (each gets at
-#: least :data:`MIN_BINS`): 2**16 narrows a float32 key range of 2**32 to one value in 2 rounds.
+#: least :data:`MIN_BINS`): with up to 4 problems a float32 key range of 2**32 is narrowed to one
+#: value in 2 rounds, with many in 3 (2**11 bins a round).
 BINS = 1 << 18
 MIN_BINS = 1 << 11
 
@@ -726,6 +727,9 @@ def shard_masks(
                 continue
             if patterns[n][0] == "n:m":
                 _, a, b = patterns[n]
+                if not tensors[n].numel():  # an empty shard (no matrix view to group)
+                    done(n, torch.ones(tensors[n].shape, dtype=torch.bool, device=tensors[n].device))
+                    continue
                 done(n, nm_mask(scorer(n), a, b, levels_[n], applied is not None), fused=True)
                 continue
             problems.append(_Problem([parts[n]], max(levels_[n] * parts[n].numel, pruned_now[n])))
