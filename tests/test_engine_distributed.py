@@ -341,3 +341,16 @@ def test_mismatched_collectives_and_missing_ranks_are_reported():
 
     with pytest.raises(RankFailed):
         SimulatedRanks(2, timeout=0.5).run(missing)
+
+
+@pytest.mark.parametrize("pattern,scope", [("unstructured", "global"), ("1x3", "global"), ("2x2", "layer"), ("2:4", "layer"), ("unstructured", "layer")])
+def test_the_torch_kernels_of_accelerators(path, monkeypatch, pattern, scope):
+    from sparsity_core import _engine as engine
+
+    monkeypatch.setattr(engine.kernels, "NUMPY_KERNELS", False)
+    tensors = model(21)
+    g = torch.Generator().manual_seed(22)
+    tensors["fc.weight"][torch.rand(48, 40, generator=g) < 0.7] = 0.0  # a tie mass too
+    sp = create_sparsifier("magnitude", {"sparsity_level": 0.5 if ":" in pattern else 0.6, "scope": scope, "pattern": pattern})
+    rows = {n: uneven(t.shape[0], 3, 12) for n, t in tensors.items() if n != "head.weight"}
+    assert_same_as_one_process(sp, tensors, rows)

@@ -275,7 +275,7 @@ def _first_pass(p: _Problem, rank: int) -> None:
             if held > cap:
                 p.overflow = True
                 continue
-            pos_l.append(pos.to(torch.int64) + start)
+            pos_l.append(pos.to(torch.int64).cpu() + start)
             val_l.append(s[pos.to(s.device)].to(torch.float32).cpu())
             if w is not None:
                 w_l.append(wc.cpu())
@@ -380,7 +380,7 @@ def _radix(problems: Sequence[_Problem], comm: Communicator) -> None:
             widths.append((width, nb))
             for k, w in sources[id(p)]():
                 b = torch.div((k - p.klo) * nb, width, rounding_mode="floor")
-                row[:nb] += torch.bincount(b, weights=None if w is None else w.to(torch.float64), minlength=nb).to(torch.float64)
+                row[:nb] += torch.bincount(b, weights=None if w is None else w.to(torch.float64), minlength=nb).to(torch.float64).cpu()
         hist = comm.all_reduce(hist, "sum")
         for row, p, (width, nb) in zip(hist, open_, widths):
             cum = torch.cumsum(row[:nb], 0) + p.below
@@ -418,7 +418,7 @@ def _split_ties(problems: Sequence[_Problem], comm: Communicator) -> None:
                         torch.gt(s, t, out=m)
                         ties = torch.nonzero(s == t).view(-1)
                     if ties.numel():
-                        ties_l.append(ties + start)
+                        ties_l.append(ties.cpu() + start)
                         if not p.uniform:
                             w_l.append(part.units.sizes(start, start + s.numel())[ties.to(part.units.mask.device)].cpu())
                 part.tie_pos = torch.cat(ties_l) if ties_l else torch.empty(0, dtype=torch.int64)
