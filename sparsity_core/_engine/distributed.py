@@ -13,11 +13,11 @@ What is exact, and how
   lowest scores until ``round(level * n)`` units over the GLOBAL ``n`` (ragged blocks: the prefix
   whose element count is closest to the target). It is found as a threshold ``t`` and a number of
   ties at ``t`` to prune, then every rank decides its own units:
-  1. *Sample* (tensors of more than ``kernels.EXACT`` units): the stratified sample of one process
-     (same generator, same global indices); each rank scores the sampled units it holds and one
-     ``all_reduce(max)`` assembles it on every rank, so every rank brackets the cut ``[lo, hi)``
-     alike (and exactly as one process does). A mass of equal scores at the sampled quantile
-     (zeros after gradual pruning, quantised weights) takes the *ties* pass instead.
+  1. *Sample* (tensors of more than ``kernels.EXACT`` units): a stratified sample over the global
+     units whose draw in each stride is a hash of the stride's number, so a rank draws and scores
+     only the strides over its own units; one ``all_reduce(max)`` assembles it on every rank, so
+     every rank brackets the cut ``[lo, hi)`` alike. A mass of equal scores at the sampled
+     quantile (zeros after gradual pruning, quantised weights) takes the *ties* pass instead.
   2. *One pass*: units ``>= hi`` are kept, those ``< lo`` counted, those in the bracket kept
      aside (typically under 1 %). Small tensors skip the sample: all their units are candidates.
   3. *One all_gather of counts* (every problem's at once): the weight below the bracket, in it,
@@ -176,65 +176,85 @@ def select_many(problems: Sequence[_Problem], comm: Communicator) -> None:
             part.units.release()
 
 
-def _sample_index(total: int) -> Tensor:
-    """One process's stratified sample of ``total`` units (see ``selection._select_bracketed``)."""
-    gen = torch.Generator().manual_seed(0)
+def _strata(total: int, g0: int, g1: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sampled units in ``[g0, g1)`` of a stratified sample of ``kernels.SAMPLE`` over
+    ``total`` units: one in each of equal strides, at an offset drawn from a counter-based hash
+    of the stride's number, so that a rank draws only the strides over its own
+    units and every rank agrees on the whole sample. Returns the sampled global indices (sorted)
+    and the numbers of their strides."""
     n_sample = min(kernels.SAMPLE, total)
     stride = total / n_sample
-    index = torch.empty(n_sample, dtype=torch.int64)
-    for i0 in range(0, n_sample, 1 << 14):
-        i1 = min(n_sample, i0 + (1 << 14))
-        part = index[i0:i1]
-        part.copy_(torch.arange(i0, i1, dtype=torch.float64).mul_(stride))
-        part += torch.rand(i1 - i0, generator=gen, dtype=torch.float64).mul_(stride).long()
-    return index.clamp_(max=total - 1)
+    first = max(0, math.floor(g0 / stride) - 1)
+    last = min(n_sample, math.ceil(g1 / stride) + 1)
+    x = np.arange(first, last, dtype=np.uint32)
+    with np.errstate(over="ignore"):  # lowbias32 (a 32-bit integer hash): in place, cheap
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(0x7FEB352D)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(0x846CA68B)
+        x ^= x >> np.uint32(16)
+    pos = np.arange(first, last, dtype=np.float64)
+    pos += x * 2.0**-32  # the stride's number plus an offset in [0, 1)
+    pos *= stride
+    index = np.minimum(pos.astype(np.int64), total - 1)
+    mine = (index >= g0) & (index < g1)
+    return index[mine], np.arange(first, last, dtype=np.int64)[mine]
 
 
 def _sample_brackets(problems: Sequence[_Problem], comm: Communicator) -> None:
-    """Step 1: the sample of one process, assembled by one ``all_reduce(max)``; each problem's
-    bracket (or ties) decided from it exactly as one process decides."""
+    """Step 1: a stratified sample of every problem's units, each rank scoring the sampled units
+    it holds, assembled on every rank by one ``all_reduce(max)``; each problem's bracket (or
+    ties) decided from it, alike on every rank."""
     if not problems:
         return
-    indexes = [_sample_index(sum(part.n for part in p.parts)) for p in problems]
-    values = torch.full((sum(i.numel() for i in indexes),), -math.inf, dtype=torch.float32)
+    sizes = [min(kernels.SAMPLE, sum(part.n for part in p.parts)) for p in problems]
+    values = torch.full((sum(sizes),), -math.inf, dtype=torch.float32)
     at = 0
-    for p, index in zip(problems, indexes):
+    for p, n_sample in zip(problems, sizes):
+        total = sum(part.n for part in p.parts)
         base = 0
         for part in p.parts:
             g0 = base + (part.start if part.sharded else 0)
-            g1 = g0 + part.units.n
-            lo_i, hi_i = torch.searchsorted(index, torch.tensor([g0, g1])).tolist()
-            if hi_i > lo_i:
-                values[at + lo_i : at + hi_i] = part.units.at(index[lo_i:hi_i] - g0).to(torch.float32)
+            index, slots = _strata(total, g0, g0 + part.units.n)
+            if index.size:  # a sampled unit's slot is the number of its stride
+                values[at + torch.from_numpy(slots)] = part.units.at(torch.from_numpy(index - g0)).to(torch.float32)
             base += part.n
             if len(p.parts) > 1:
                 part.units.release()
-        at += index.numel()
+        at += n_sample
     values = comm.all_reduce(values, "max")
     at = 0
-    for p, index in zip(problems, indexes):
-        ordered = _np(values[at : at + index.numel()].clone())
-        at += index.numel()
-        _bracket(p, ordered)
+    for p, n_sample in zip(problems, sizes):
+        _bracket(p, _np(values[at : at + n_sample]))
+        at += n_sample
 
 
-def _bracket(p: _Problem, ordered: np.ndarray) -> None:
-    """``selection._select_bracketed``'s bracket and tie check on the assembled sample."""
-    n_sample = ordered.size
+def _bracket(p: _Problem, sample: np.ndarray) -> None:
+    """``selection._select_bracketed``'s bracket and tie check on the assembled sample (by
+    partition, not sort: the same order statistics)."""
+    n_sample = sample.size
     total = sum(part.n for part in p.parts)
     q = p.goal / total if p.uniform else p.goal / sum(part.numel for part in p.parts)
     spread = kernels.Z * math.sqrt(n_sample * q * (1 - q)) if 0 <= q <= 1 else 0.0
     lo_rank, hi_rank = math.floor(q * n_sample - spread) - 1, math.ceil(q * n_sample + spread) + 1
-    ordered.sort()
+    q_rank = min(max(round(q * n_sample), 1), n_sample) - 1
+    ordered = sample  # partitioned in place around q_rank, then each side around lo / hi
+    ordered.partition(q_rank)
+    if 0 <= lo_rank < q_rank:
+        ordered[:q_rank].partition(lo_rank)
+    if q_rank < hi_rank < n_sample:
+        ordered[q_rank + 1 :].partition(hi_rank - q_rank - 1)
     lo = float(ordered[lo_rank]) if lo_rank >= 0 else -math.inf
-    if lo == -math.inf and ordered.size and ordered[-1] > -math.inf:
-        lo = float(ordered[np.searchsorted(ordered, -math.inf, "right")])
+    if lo == -math.inf:
+        # a mass of -inf (weights kept pruned by the nested policy) below the cut: count it as
+        # certainly pruned rather than as candidates (the count check verifies the cut)
+        finite = ordered[ordered > -math.inf]
+        lo = float(finite.min()) if finite.size else -math.inf
     hi = float(ordered[hi_rank]) if hi_rank < n_sample else math.inf
     p.lo, p.hi = lo, hi
     if p.uniform:
-        at_q = float(ordered[min(max(round(q * n_sample), 1), n_sample) - 1])
-        ties = np.searchsorted(ordered, at_q, "right") - np.searchsorted(ordered, at_q, "left")
-        if ties > 2 * spread:  # a tie mass (zeros, say) straddles the cut
+        at_q = float(ordered[q_rank])
+        if np.count_nonzero(ordered == at_q) > 2 * spread:  # a tie mass (zeros, say) straddles the cut
             p.mode, p.lo, p.hi = "ties", at_q, at_q
 
 
