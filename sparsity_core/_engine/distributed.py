@@ -653,24 +653,31 @@ def _select_bounded(parts: list[_Part], target: float, spec: object, floors: Seq
         return
     target = min(max(target, float(sum(lo))), float(sum(hi)))
     active = list(range(len(parts)))
+    fixing: list[_Problem] = []
     while active:
-        select_many([_Problem([parts[i] for i in active], target)], comm)
+        # the tensors fixed in the last round are selected with the rest (one set of collectives)
+        select_many([*fixing, _Problem([parts[i] for i in active], target)], comm)
         counts = dict(zip(active, _global_sums([parts[i] for i in active], [_pruned(parts[i]) for i in active], comm)))
         over = {i: counts[i] - hi[i] for i in active if counts[i] > hi[i]}
         under = {i: lo[i] - counts[i] for i in active if counts[i] < lo[i]}
         if not over and not under:
             return
         fix, bound = (over, hi) if sum(over.values()) >= sum(under.values()) else (under, lo)
-        wants = []
+        fixing = []
         for i in fix:
             want, size = bound[i], parts[i].size
             if size > 1:  # whole units only: stay inside the bound
                 want = (want // size if fix is over else -(-want // size)) * size
-            wants.append(_Problem([parts[i]], want))
-        select_many(wants, comm)
-        target -= sum(_global_sums([parts[i] for i in fix], [_pruned(parts[i]) for i in fix], comm))
+            fixing.append(_Problem([parts[i]], want))
+        if all(parts[i].size for i in fix):  # equal units: exactly round(want / size) of them
+            target -= sum(min(max(round(f.target / f.parts[0].size), 0), f.parts[0].n) * f.parts[0].size for f in fixing)
+        else:  # ragged blocks: what the selection pruned
+            select_many(fixing, comm)
+            fixing = []
+            target -= sum(_global_sums([parts[i] for i in fix], [_pruned(parts[i]) for i in fix], comm))
         active = [i for i in active if i not in fix]
         target = max(target, 0.0)
+    select_many(fixing, comm)
 
 
 def shard_masks(
