@@ -230,31 +230,30 @@ def _sample_brackets(problems: Sequence[_Problem], comm: Communicator) -> None:
 
 
 def _bracket(p: _Problem, sample: np.ndarray) -> None:
-    """``selection._select_bracketed``'s bracket and tie check on the assembled sample (by
-    partition, not sort: the same order statistics)."""
+    """``selection._select_bracketed``'s bracket and tie check on the assembled sample."""
     n_sample = sample.size
     total = sum(part.n for part in p.parts)
-    q = p.goal / total if p.uniform else p.goal / sum(part.numel for part in p.parts)
-    spread = kernels.Z * math.sqrt(n_sample * q * (1 - q)) if 0 <= q <= 1 else 0.0
+    q = min(max(p.goal / total if p.uniform else p.goal / sum(part.numel for part in p.parts), 0.0), 1.0)
+    spread = kernels.Z * math.sqrt(n_sample * q * (1 - q))
     lo_rank, hi_rank = math.floor(q * n_sample - spread) - 1, math.ceil(q * n_sample + spread) + 1
     q_rank = min(max(round(q * n_sample), 1), n_sample) - 1
-    ordered = sample  # partitioned in place around q_rank, then each side around lo / hi
-    ordered.partition(q_rank)
-    if 0 <= lo_rank < q_rank:
-        ordered[:q_rank].partition(lo_rank)
-    if q_rank < hi_rank < n_sample:
-        ordered[q_rank + 1 :].partition(hi_rank - q_rank - 1)
+    # sorted, not partitioned: NumPy's introselect degrades many times over masses of equal
+    # values (zeros, quantised weights); the -inf of the nested policy are set apart first
+    finite = sample[sample > -math.inf]
+    finite.sort()
+    n_inf = n_sample - finite.size
+    ordered = np.concatenate([np.full(n_inf, -math.inf, dtype=np.float32), finite]) if n_inf else finite
     lo = float(ordered[lo_rank]) if lo_rank >= 0 else -math.inf
     if lo == -math.inf:
         # a mass of -inf (weights kept pruned by the nested policy) below the cut: count it as
         # certainly pruned rather than as candidates (the count check verifies the cut)
-        finite = ordered[ordered > -math.inf]
-        lo = float(finite.min()) if finite.size else -math.inf
+        lo = float(finite[0]) if finite.size else -math.inf
     hi = float(ordered[hi_rank]) if hi_rank < n_sample else math.inf
     p.lo, p.hi = lo, hi
     if p.uniform:
         at_q = float(ordered[q_rank])
-        if np.count_nonzero(ordered == at_q) > 2 * spread:  # a tie mass (zeros, say) straddles the cut
+        ties = np.searchsorted(ordered, at_q, "right") - np.searchsorted(ordered, at_q, "left")
+        if ties > 2 * spread:  # a tie mass (zeros, say) straddles the cut
             p.mode, p.lo, p.hi = "ties", at_q, at_q
 
 
