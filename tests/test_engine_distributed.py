@@ -287,17 +287,18 @@ def test_misaligned_groups_are_refused_on_every_rank(pattern, shape, rows, layou
 # -- collectives -------------------------------------------------------------------------------
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_collectives_per_update_do_not_grow_with_the_tensors(path, scope):
+    # one round: the setup, the sample, the counts, at most 3 histograms and the ties (7);
+    # global scope adds the per-tensor counts of its bounds (no bound is hit: tensors alike)
     g = torch.Generator().manual_seed(20)
-    counts = {}
-    for n_tensors in (5, 40):
+    bound = 7 if scope == "layer" else 8
+    for n_tensors in (2, 40, 150):
         tensors = {f"l{i}.weight": torch.randn(24, 20, generator=g) for i in range(n_tensors)}
         sp = create_sparsifier("magnitude", {"sparsity_level": 0.7, "scope": scope})
         ranks = assert_same_as_one_process(sp, tensors, {n: chunk_rows(24, 2) for n in tensors})
         assert len(set(ranks.collectives)) == 1  # every rank made the same collectives
-        counts[n_tensors] = ranks.collectives[0]
+        assert ranks.collectives[0] <= bound, (n_tensors, ranks.comms[0].calls)
         sizes = [size for _, size in ranks.comms[0].calls]
-        assert max(sizes) <= (1 << 18) + 64 * n_tensors  # small: histograms and counts, never the weights
-    assert counts[5] == counts[40] <= 8, counts
+        assert max(sizes) <= max(1 << 16, 2048 * n_tensors) + 8 * n_tensors  # histograms and counts, never the weights
 
 
 # -- the simulated ranks -----------------------------------------------------------------------

@@ -59,10 +59,12 @@ if TYPE_CHECKING:
     from .._layers import TensorLayout
 
 #: Histogram bins of one radix round, shared by the problems searched at once (each gets at
-#: least :data:`MIN_BINS`): with up to 4 problems a float32 key range of 2**32 is narrowed to one
-#: value in 2 rounds, with many in 3 (2**11 bins a round).
-BINS = 1 << 18
+#: least :data:`MIN_BINS`): a float32 key range of 2**32 is narrowed to one value in 2 rounds for
+#: one problem, in 3 for many; a bracket's range is far narrower.
+BINS = 1 << 16
 MIN_BINS = 1 << 11
+#: The sample of a distributed selection is ``kernels.SAMPLE // SAMPLE_SHARE`` (see _sample_size).
+SAMPLE_SHARE = 4
 
 _KEY_MASK = 0x7FFFFFFF
 
@@ -123,6 +125,8 @@ class _Problem:
     overflow: bool = False
     below: float = 0.0  # local, then global: weight certainly below the cut
     cand: float = 0.0
+    cmin: float = math.inf  # the lowest and highest candidate scores (this rank's, then all)
+    cmax: float = -math.inf
     small: bool = False  # no sample: every unit is a candidate
     klo: int = _KEY_MIN
     khi: int = _KEY_MAX
@@ -176,13 +180,20 @@ def select_many(problems: Sequence[_Problem], comm: Communicator) -> None:
             part.units.release()
 
 
+def _sample_size(total: int) -> int:
+    """Units sampled to bracket a selection over ``total``: a quarter of one process's
+    ``kernels.SAMPLE``. Every rank sorts the whole sample, a cost that does not shrink with its
+    shard; a bracket twice as wide costs less (its candidates are a few percent of a pass)."""
+    return min(max(kernels.SAMPLE // SAMPLE_SHARE, 1), total)
+
+
 def _strata(total: int, g0: int, g1: int) -> tuple[np.ndarray, np.ndarray]:
-    """The sampled units in ``[g0, g1)`` of a stratified sample of ``kernels.SAMPLE`` over
+    """The sampled units in ``[g0, g1)`` of a stratified sample of :func:`_sample_size` over
     ``total`` units: one in each of equal strides, at an offset drawn from a counter-based hash
     of the stride's number, so that a rank draws only the strides over its own
     units and every rank agrees on the whole sample. Returns the sampled global indices (sorted)
     and the numbers of their strides."""
-    n_sample = min(kernels.SAMPLE, total)
+    n_sample = _sample_size(total)
     stride = total / n_sample
     first = max(0, math.floor(g0 / stride) - 1)
     last = min(n_sample, math.ceil(g1 / stride) + 1)
@@ -207,7 +218,7 @@ def _sample_brackets(problems: Sequence[_Problem], comm: Communicator) -> None:
     ties) decided from it, alike on every rank."""
     if not problems:
         return
-    sizes = [min(kernels.SAMPLE, sum(part.n for part in p.parts)) for p in problems]
+    sizes = [_sample_size(sum(part.n for part in p.parts)) for p in problems]
     values = torch.full((sum(sizes),), -math.inf, dtype=torch.float32)
     at = 0
     for p, n_sample in zip(problems, sizes):
@@ -307,6 +318,9 @@ def _first_pass(p: _Problem, rank: int) -> None:
         if _owned(part, rank):  # a replicated tensor is counted on rank 0 only
             p.below += below
             p.cand += cand
+            if part.cand_val is not None and part.cand_val.numel():
+                p.cmin = min(p.cmin, float(part.cand_val.min()))
+                p.cmax = max(p.cmax, float(part.cand_val.max()))
         if len(p.parts) > 1:
             part.units.release()
     if p.overflow:
@@ -319,14 +333,15 @@ def _gather_counts(problems: Sequence[_Problem], comm: Communicator) -> None:
     tensor), and the branch every rank then takes alike."""
     rows = []
     for p in problems:
-        rows += [p.below, p.cand, float(p.overflow)]
+        rows += [p.below, p.cand, float(p.overflow), p.cmin, p.cmax]
         rows += p.ties_local if p.mode == "ties" else []
         rows += [float(part.offset) for part in p.parts]
     table = torch.stack(comm.all_gather(torch.tensor(rows, dtype=torch.float64)))  # ranks x rows
     at = 0
     for p in problems:
         below, cand, overflow = (float(x) for x in table[:, at : at + 3].sum(0))
-        at += 3
+        cmin, cmax = float(table[:, at + 3].min()), float(table[:, at + 4].max())
+        at += 5
         if p.mode == "ties":
             ties = table[:, at : at + len(p.parts)]
             at += len(p.parts)
@@ -343,8 +358,8 @@ def _gather_counts(problems: Sequence[_Problem], comm: Communicator) -> None:
         elif overflow or not below <= p.goal <= below + cand:
             p.mode, p.below = "full", 0.0
         else:
-            p.klo = _key_of(p.lo)
-            p.khi = _key_of(p.hi) - (p.hi != math.inf)
+            # the cut is among the candidates: between the lowest and the highest of them
+            p.klo, p.khi = (_key_of(cmin), _key_of(cmax)) if cmin <= cmax else (_key_of(p.lo),) * 2
 
 
 def _local_keys(p: _Problem, rank: int) -> Callable[[], list[tuple[Tensor, Tensor | None]]]:
