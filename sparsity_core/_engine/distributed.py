@@ -255,10 +255,12 @@ def _bracket(p: _Problem, sample: np.ndarray) -> None:
     n_inf = n_sample - finite.size
     ordered = np.concatenate([np.full(n_inf, -math.inf, dtype=np.float32), finite]) if n_inf else finite
     lo = float(ordered[lo_rank]) if lo_rank >= 0 else -math.inf
-    if lo == -math.inf:
+    if lo == -math.inf and finite.size:
         # a mass of -inf (weights kept pruned by the nested policy) below the cut: count it as
-        # certainly pruned rather than as candidates (the count check verifies the cut)
-        lo = float(finite[0]) if finite.size else -math.inf
+        # certainly pruned rather than as candidates, and every finite score from the lowest
+        # float up as a candidate: the cut may be right above the mass (a tensor at its floor),
+        # and the finite scores below hi are few (lo_rank fell inside the mass)
+        lo = float(np.finfo(np.float32).min)
     hi = float(ordered[hi_rank]) if hi_rank < n_sample else math.inf
     p.lo, p.hi = lo, hi
     if p.uniform:
@@ -431,6 +433,8 @@ def _split_ties(problems: Sequence[_Problem], comm: Communicator) -> None:
     rank = comm.rank
     rows: list[float] = []
     for p in problems:
+        if p.mode == "ties":  # its tie counts came with the counts (step 3)
+            continue
         t = _value_of(p.klo)
         for part in p.parts:
             if p.mode == "bracket":
@@ -441,7 +445,7 @@ def _split_ties(problems: Sequence[_Problem], comm: Communicator) -> None:
                 part.units.mask[pos[gt].to(part.units.mask.device)] = True
                 part.tie_pos = pos[eq]
                 part.tie_w = None if p.uniform else part.cand_w[eq]  # type: ignore[index]
-            else:  # ties, full: one more pass (the mask of full is decided here)
+            else:  # full: one more pass, where the mask is decided
                 ties_l, w_l = [], []
                 for start, s in part.units.pieces():
                     m = part.units.mask[start : start + s.numel()]
@@ -459,9 +463,8 @@ def _split_ties(problems: Sequence[_Problem], comm: Communicator) -> None:
                 part.tie_w = None if p.uniform else (torch.cat(w_l) if w_l else torch.empty(0, dtype=torch.int64))
                 if len(p.parts) > 1:
                     part.units.release()
-            if p.mode != "ties":
-                w = float(part.tie_pos.numel()) if part.tie_w is None else float(part.tie_w.sum())
-                rows.append(w if _owned(part, rank) else 0.0)
+            w = float(part.tie_pos.numel()) if part.tie_w is None else float(part.tie_w.sum())
+            rows.append(w if _owned(part, rank) else 0.0)
     table = None
     if rows:
         table = torch.stack(comm.all_gather(torch.tensor(rows, dtype=torch.float64)))
@@ -485,7 +488,32 @@ def _split_ties(problems: Sequence[_Problem], comm: Communicator) -> None:
                 before += float(ties[:, j].sum())
             else:
                 before += float(ties[0, j])
-            _prune_ties(part, mine, p.goal)
+            if p.mode == "ties":
+                _prune_tie_mass(part, p.lo, mine, float(ties[rank if part.sharded else 0, j]), p.goal)
+            else:
+                _prune_ties(part, mine, p.goal)
+
+
+def _prune_tie_mass(part: _Part, value: float, before: float, count: float, goal: float) -> None:
+    """:func:`_prune_ties` for a mass of ``count`` equal units scoring ``value`` on this rank (the
+    mask keeps ``> value`` since the first pass): the first ``goal - before`` of them stay
+    pruned, the rest are kept, with no pass at all when they all go one way, and no positions
+    kept otherwise (like ``selection._select_ties``)."""
+    prune = int(min(max(goal - before, 0), count))
+    if prune >= count:
+        return
+    for start, s in part.units.pieces():
+        m = part.units.mask[start : start + s.numel()]
+        if prune <= 0:
+            _ge_into(s, value, m)
+            continue
+        ties = torch.from_numpy(np.flatnonzero(_np(s) == value)) if _numpy_kernels(s) else torch.nonzero(s == value).view(-1)
+        if prune >= ties.numel():
+            prune -= ties.numel()
+            continue
+        m[ties[prune:].to(m.device)] = True
+        prune = 0
+    part.units.release()
 
 
 def _prune_ties(part: _Part, before: float, goal: float) -> None:
