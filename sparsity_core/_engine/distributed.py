@@ -166,8 +166,9 @@ def select_many(problems: Sequence[_Problem], comm: Communicator) -> None:
         live.append(p)
     if not live:
         return
-    for p in live:
-        p.small = sum(part.n for part in p.parts) <= kernels.EXACT
+    for p in live:  # small: no sample, every unit a candidate (cheaper than sampling a large share)
+        total = sum(part.n for part in p.parts)
+        p.small = total <= min(kernels.EXACT, 2 * _sample_size(total))
     _sample_brackets([p for p in live if not p.small], comm)
     for p in live:
         _first_pass(p, comm.rank)
