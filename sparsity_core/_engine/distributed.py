@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -105,7 +105,6 @@ class _Part:
     cand_pos: Tensor | None = None
     cand_val: Tensor | None = None
     cand_w: Tensor | None = None
-    cand_key: Tensor | None = None
     tie_pos: Tensor | None = None
     tie_w: Tensor | None = None
 
@@ -177,7 +176,7 @@ def select_many(problems: Sequence[_Problem], comm: Communicator) -> None:
     _split_ties(live, comm)
     for p in live:
         for part in p.parts:
-            part.cand_pos = part.cand_val = part.cand_w = part.cand_key = part.tie_pos = part.tie_w = None
+            part.cand_pos = part.cand_val = part.cand_w = part.tie_pos = part.tie_w = None
             part.units.release()
 
 
@@ -365,45 +364,47 @@ def _gather_counts(problems: Sequence[_Problem], comm: Communicator) -> None:
             p.klo, p.khi = (_key_of(cmin), _key_of(cmax)) if cmin <= cmax else (_key_of(p.lo),) * 2
 
 
-def _local_keys(p: _Problem, rank: int) -> Callable[[], list[tuple[Tensor, Tensor | None]]]:
-    """The (keys, weights) this rank counts for ``p`` in a histogram round."""
-    if p.mode == "full":
+class _Keys:
+    """The (key, weight) pairs this rank counts for a problem in the histogram rounds: its owned
+    candidates, narrowed to the chosen bin after each round (so that rounds after the first are
+    over a handful), or, in the fallback, every unit re-read from the scores each round."""
 
-        def full() -> list[tuple[Tensor, Tensor | None]]:
-            out = []
-            for part in p.parts:
-                if _owned(part, rank):
-                    for start, s in part.units.pieces():
-                        k = _keys(s)
-                        inside = (k >= p.klo) & (k <= p.khi)
-                        w = _weights(part, start, start + s.numel(), p.uniform)
-                        out.append((k[inside], None if w is None else w[inside]))
-                if len(p.parts) > 1:
-                    part.units.release()
-            return out
+    def __init__(self, p: _Problem, rank: int) -> None:
+        self.p, self.rank = p, rank
+        self.keys: Tensor | None = None
+        self.weights: Tensor | None = None
+        if p.mode == "bracket":
+            owned = [part for part in p.parts if _owned(part, rank) and part.cand_val is not None]
+            self.keys = _keys(torch.cat([part.cand_val for part in owned])) if owned else torch.empty(0, dtype=torch.int64)  # type: ignore[misc]
+            if not p.uniform:
+                self.weights = torch.cat([part.cand_w for part in owned]) if owned else torch.empty(0, dtype=torch.int64)  # type: ignore[misc]
 
-        return full
-    pairs = [(part.cand_key, part.cand_w) for part in p.parts if _owned(part, rank) and part.cand_key is not None]
+    def narrow(self) -> None:
+        if self.keys is not None:
+            inside = (self.keys >= self.p.klo) & (self.keys <= self.p.khi)
+            self.keys = self.keys[inside]
+            self.weights = None if self.weights is None else self.weights[inside]
 
-    def cands() -> list[tuple[Tensor, Tensor | None]]:
-        out = []
-        for k, w in pairs:
-            inside = (k >= p.klo) & (k <= p.khi)
-            out.append((k[inside], None if w is None else w[inside]))
-        return out
-
-    return cands
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor | None]]:
+        p = self.p
+        if self.keys is not None:
+            yield self.keys, self.weights
+            return
+        for part in p.parts:
+            if _owned(part, self.rank):
+                for start, s in part.units.pieces():
+                    k = _keys(s)
+                    inside = (k >= p.klo) & (k <= p.khi)
+                    w = _weights(part, start, start + s.numel(), p.uniform)
+                    yield k[inside], None if w is None else w[inside]
+            if len(p.parts) > 1:
+                part.units.release()
 
 
 def _radix(problems: Sequence[_Problem], comm: Communicator) -> None:
     """Step 4: narrow each problem's key range ``[klo, khi]`` to the one key of its cut by
     histogram rounds (one ``all_reduce`` a round for all problems)."""
-    for p in problems:
-        if p.mode == "bracket":
-            for part in p.parts:
-                assert part.cand_val is not None
-                part.cand_key = _keys(part.cand_val)
-    sources = {id(p): _local_keys(p, comm.rank) for p in problems}
+    sources = {id(p): _Keys(p, comm.rank) for p in problems if p.klo < p.khi}
     while True:
         open_ = [p for p in problems if p.klo < p.khi]
         if not open_:
@@ -415,7 +416,7 @@ def _radix(problems: Sequence[_Problem], comm: Communicator) -> None:
             width = p.khi - p.klo + 1
             nb = min(bins, width)
             widths.append((width, nb))
-            for k, w in sources[id(p)]():
+            for k, w in sources[id(p)]:
                 b = torch.div((k - p.klo) * nb, width, rounding_mode="floor")
                 row[:nb] += torch.bincount(b, weights=None if w is None else w.to(torch.float64), minlength=nb).to(torch.float64).cpu()
         hist = comm.all_reduce(hist, "sum")
@@ -426,6 +427,7 @@ def _radix(problems: Sequence[_Problem], comm: Communicator) -> None:
             if b:
                 p.below = float(cum[b - 1])
             p.klo, p.khi = p.klo + -(-b * width // nb), p.klo + -(-(b + 1) * width // nb) - 1
+            sources[id(p)].narrow()
 
 
 def _split_ties(problems: Sequence[_Problem], comm: Communicator) -> None:
