@@ -355,3 +355,31 @@ def test_the_torch_kernels_of_accelerators(path, monkeypatch, pattern, scope):
     sp = create_sparsifier("magnitude", {"sparsity_level": 0.5 if ":" in pattern else 0.6, "scope": scope, "pattern": pattern})
     rows = {n: uneven(t.shape[0], 3, 12) for n, t in tensors.items() if n != "head.weight"}
     assert_same_as_one_process(sp, tensors, rows)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("nans", ["one", "rows"])  # rows: the sample sees them before the pass
+def test_nan_on_one_rank_stops_every_rank(path, scope, nans):
+    g = torch.Generator().manual_seed(23)
+    tensors = {"a": torch.randn(60, 40, generator=g), "b": torch.randn(30, 20, generator=g)}
+    if nans == "one":
+        tensors["a"][50, 3] = float("nan")  # on the last rank only
+    else:
+        tensors["a"][41:] = float("nan")
+    sp = create_sparsifier("magnitude", {"sparsity_level": 0.5, "scope": scope})
+    levels = sp.final_levels(tensors)
+    rows = {"a": chunk_rows(60, 3), "b": chunk_rows(30, 3)}
+
+    def update(comm):
+        local = {n: shard_rows(t, rows[n])[comm.rank][0] for n, t in tensors.items()}
+        shards = {n: Shard(t.shape, shard_rows(t, rows[n])[comm.rank][1]) for n, t in tensors.items()}
+        try:
+            score_masks(sp, local, levels, context=MaskContext(shards=Shards(comm, shards)))
+        except (ValueError, RuntimeError) as e:
+            return e
+        return None
+
+    errors = SimulatedRanks(3, timeout=30).run(update)
+    assert isinstance(errors[2], ValueError) and "'a'" in str(errors[2]) and "NaN" in str(errors[2])
+    for e in errors[:2]:
+        assert isinstance(e, RuntimeError) and "rank 2 raised" in str(e), e

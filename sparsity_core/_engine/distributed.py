@@ -139,6 +139,37 @@ def _owned(part: _Part, rank: int) -> bool:
     return part.sharded or rank == 0
 
 
+class _Stop:
+    """An error on one rank, held until the next collective tells every rank of it: then every
+    rank raises (the failing one its own error), so that none waits for a rank that stopped."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+    def run(self, fn: Callable[..., object], *args: object) -> None:
+        if self.error is None:
+            try:
+                fn(*args)
+            except Exception as e:  # noqa: BLE001 - raised again after the next collective
+                self.error = e
+
+    def flag(self, rank: int) -> float:
+        """What this rank tells the others: 0, or its rank + 1 when it failed."""
+        return float(rank + 1) if self.error is not None else 0.0
+
+    def check(self, flags: Tensor) -> None:
+        """Raise when any rank failed (``flags``: the flags of every rank, or their max)."""
+        failed = flags.reshape(-1)
+        failed = failed[failed > 0]
+        if self.error is not None:
+            raise self.error
+        if failed.numel():
+            raise RuntimeError(
+                f"rank {int(failed.min()) - 1} raised while computing its masks (its own error says why); "
+                f"every rank stops here so that none waits for it"
+            )
+
+
 def _weights(part: _Part, start: int, end: int, uniform: bool) -> Tensor | None:
     return None if uniform else part.units.sizes(start, end)
 
@@ -168,10 +199,11 @@ def select_many(problems: Sequence[_Problem], comm: Communicator) -> None:
     for p in live:  # small: no sample, every unit a candidate (cheaper than sampling a large share)
         total = sum(part.n for part in p.parts)
         p.small = total <= min(kernels.EXACT, 2 * _sample_size(total))
-    _sample_brackets([p for p in live if not p.small], comm)
+    stop = _Stop()
+    _sample_brackets([p for p in live if not p.small], comm, stop)
     for p in live:
-        _first_pass(p, comm.rank)
-    _gather_counts(live, comm)
+        stop.run(_first_pass, p, comm.rank)
+    _gather_counts(live, comm, stop)
     _radix(live, comm)
     _split_ties(live, comm)
     for p in live:
@@ -212,28 +244,34 @@ def _strata(total: int, g0: int, g1: int) -> tuple[np.ndarray, np.ndarray]:
     return index[mine], np.arange(first, last, dtype=np.int64)[mine]
 
 
-def _sample_brackets(problems: Sequence[_Problem], comm: Communicator) -> None:
+def _sample_brackets(problems: Sequence[_Problem], comm: Communicator, stop: _Stop) -> None:
     """Step 1: a stratified sample of every problem's units, each rank scoring the sampled units
     it holds, assembled on every rank by one ``all_reduce(max)``; each problem's bracket (or
     ties) decided from it, alike on every rank."""
     if not problems:
         return
     sizes = [_sample_size(sum(part.n for part in p.parts)) for p in problems]
-    values = torch.full((sum(sizes),), -math.inf, dtype=torch.float32)
-    at = 0
-    for p, n_sample in zip(problems, sizes):
-        total = sum(part.n for part in p.parts)
-        base = 0
-        for part in p.parts:
-            g0 = base + (part.start if part.sharded else 0)
-            index, slots = _strata(total, g0, g0 + part.units.n)
-            if index.size:  # a sampled unit's slot is the number of its stride
-                values[at + torch.from_numpy(slots)] = part.units.at(torch.from_numpy(index - g0)).to(torch.float32)
-            base += part.n
-            if len(p.parts) > 1:
-                part.units.release()
-        at += n_sample
+    values = torch.full((sum(sizes) + 1,), -math.inf, dtype=torch.float32)  # the last: a failed rank
+
+    def draw() -> None:
+        at = 0
+        for p, n_sample in zip(problems, sizes):
+            total = sum(part.n for part in p.parts)
+            base = 0
+            for part in p.parts:
+                g0 = base + (part.start if part.sharded else 0)
+                index, slots = _strata(total, g0, g0 + part.units.n)
+                if index.size:  # a sampled unit's slot is the number of its stride
+                    values[at + torch.from_numpy(slots)] = part.units.at(torch.from_numpy(index - g0)).to(torch.float32)
+                base += part.n
+                if len(p.parts) > 1:
+                    part.units.release()
+            at += n_sample
+
+    stop.run(draw)
+    values[-1] = stop.flag(comm.rank)
     values = comm.all_reduce(values, "max")
+    stop.check(values[-1:])
     at = 0
     for p, n_sample in zip(problems, sizes):
         _bracket(p, _np(values[at : at + n_sample]))
@@ -330,16 +368,18 @@ def _first_pass(p: _Problem, rank: int) -> None:
             part.cand_pos = part.cand_val = part.cand_w = None
 
 
-def _gather_counts(problems: Sequence[_Problem], comm: Communicator) -> None:
+def _gather_counts(problems: Sequence[_Problem], comm: Communicator, stop: _Stop) -> None:
     """Step 3: one all_gather of every problem's counts (below, candidates, overflow; ties by
     tensor), and the branch every rank then takes alike."""
-    rows = []
+    rows = [stop.flag(comm.rank)]
     for p in problems:
         rows += [p.below, p.cand, float(p.overflow), p.cmin, p.cmax]
-        rows += p.ties_local if p.mode == "ties" else []
+        if p.mode == "ties":  # (a rank that failed may have counted fewer)
+            rows += (p.ties_local + [0.0] * len(p.parts))[: len(p.parts)]
         rows += [float(part.offset) for part in p.parts]
     table = torch.stack(comm.all_gather(torch.tensor(rows, dtype=torch.float64)))  # ranks x rows
-    at = 0
+    stop.check(table[:, 0])
+    at = 1
     for p in problems:
         below, cand, overflow = (float(x) for x in table[:, at : at + 3].sum(0))
         cmin, cmax = float(table[:, at + 3].min()), float(table[:, at + 4].max())
@@ -763,8 +803,6 @@ def shard_masks(
     local = [n for n in tensors if n not in shards.tensors and n not in in_mixed]
 
     masks: dict[str, Tensor] = {}
-    if local:  # replicated tensors selected on their own: as in one process (no collective)
-        masks.update(score_masks(sparsifier, {n: tensors[n] for n in local}, levels, applied, context=replace(context, shards=None)))
 
     def done(name: str, mask: Tensor, fused: bool = False) -> None:
         masks[name] = mask
@@ -774,48 +812,63 @@ def shard_masks(
             applied[name] = mask
 
     with torch.no_grad():
-        levels_ = {n: _check_level(n, levels[n]) for n in tensors if n not in local}
-        plans = {n: _plan(n, tensors[n], shards.tensors[n], layout(n), patterns[n]) for n in sharded}  # type: ignore[arg-type]
+        stop = _Stop()
+        levels_: dict[str, float] = {}
+        plans: dict[str, _Plan] = {}
         parts: dict[str, _Part] = {}
-        for n in sharded:
-            if patterns[n][0] != "n:m" and not plans[n].rule:
-                parts[n] = _part(scorer(n), plans[n], layout(n))
-        # one collective for the whole update: refusals, what is pruned now, where the shards are
-        row = []
-        for n in sharded:
-            part = parts.get(n)
-            pruned = _pruned_now(current.get(n), part.units if part is not None else None) if part is not None else 0.0
-            row += [float(bool(plans[n].rule)), pruned, float(plans[n].shard.offset), float(plans[n].rows)]
-        table = torch.stack(comm.all_gather(torch.tensor(row, dtype=torch.float64))).view(comm.world_size, len(sharded), 4)
-        _refuse(sharded, plans, table, comm.rank, layout)
-        pruned_now = {n: float(table[:, j, 1].sum()) for j, n in enumerate(sharded)}
-        for n in in_mixed - set(sharded):
-            parts[n] = _replicated_part(scorer(n), patterns[n])  # type: ignore[arg-type]
-            pruned_now[n] = _pruned_now(current.get(n), parts[n].units)
+        pruned_now: dict[str, float] = {}
 
-        problems = []
+        def setup() -> None:
+            levels_.update((n, _check_level(n, levels[n])) for n in tensors if n not in local)
+            for n in sharded:
+                plans[n] = _plan(n, tensors[n], shards.tensors[n], layout(n), patterns[n])  # type: ignore[arg-type]
+                if patterns[n][0] != "n:m" and not plans[n].rule:
+                    parts[n] = _part(scorer(n), plans[n], layout(n))
+                    pruned_now[n] = _pruned_now(current.get(n), parts[n].units)
+            for n in in_mixed - set(sharded):
+                parts[n] = _replicated_part(scorer(n), patterns[n])  # type: ignore[arg-type]
+                pruned_now[n] = _pruned_now(current.get(n), parts[n].units)
+
+        stop.run(setup)
+        # one collective for the whole update: a rank that failed, refusals, what is pruned now,
+        # where the shards are
+        row = [stop.flag(comm.rank)]
         for n in sharded:
-            if n in in_mixed:
+            plan = plans.get(n)
+            if plan is None:  # this rank failed before planning it
+                row += [0.0] * 4
                 continue
-            if patterns[n][0] == "n:m":
-                _, a, b = patterns[n]
-                if not tensors[n].numel():  # an empty shard (no matrix view to group)
-                    done(n, torch.ones(tensors[n].shape, dtype=torch.bool, device=tensors[n].device))
-                    continue
-                done(n, nm_mask(scorer(n), a, b, levels_[n], applied is not None), fused=True)
-                continue
-            problems.append(_Problem([parts[n]], max(levels_[n] * parts[n].numel, pruned_now[n])))
+            row += [float(bool(plan.rule)), pruned_now.get(n, 0.0), float(plan.shard.offset), float(plan.rows)]
+        table = torch.stack(comm.all_gather(torch.tensor(row, dtype=torch.float64)))
+        stop.check(table[:, 0])
+        table = table[:, 1:].reshape(comm.world_size, len(sharded), 4)
+        _refuse(sharded, plans, table, comm.rank, layout)
+        pruned_now.update((n, float(table[:, j, 1].sum())) for j, n in enumerate(sharded))
+
+        problems = [
+            _Problem([parts[n]], max(levels_[n] * parts[n].numel, pruned_now[n]))
+            for n in sharded
+            if n not in in_mixed and patterns[n][0] != "n:m"
+        ]
         select_many(problems, comm)
-        for n in sharded:
-            if n not in in_mixed and patterns[n][0] != "n:m":
-                done(n, parts[n].units.element_mask())
         for names in mixed:
             group = [parts[n] for n in names]
             target = sum(levels_[n] * parts[n].numel for n in names)
             floors = [int(pruned_now[n]) for n in names]
             _select_bounded(group, max(target, float(sum(floors))), specs[names[0]], floors, comm)
-            for n in names:
-                done(n, parts[n].units.element_mask())
+        # the collectives are over: what is left is local (an error raised from here on leaves
+        # no rank waiting)
+        for n in parts:
+            done(n, parts[n].units.element_mask())
+        for n in sharded:
+            if patterns[n][0] == "n:m":
+                _, a, b = patterns[n]
+                if not tensors[n].numel():  # an empty shard (no matrix view to group)
+                    done(n, torch.ones(tensors[n].shape, dtype=torch.bool, device=tensors[n].device))
+                else:
+                    done(n, nm_mask(scorer(n), a, b, levels_[n], applied is not None), fused=True)
+    if local:  # replicated tensors selected on their own: as in one process (no collective)
+        masks.update(score_masks(sparsifier, {n: tensors[n] for n in local}, levels, applied, context=replace(context, shards=None)))
     return {n: masks[n] for n in tensors}
 
 
