@@ -92,12 +92,8 @@ def run_case(name: str, args: dict[str, Any], tensors: dict[str, torch.Tensor], 
     if nested is not None:
         first = create_sparsifier("magnitude", {**args, "sparsity_level": nested})
         current = score_masks(first, tensors, first.final_levels(tensors))
-    single = None
+    single = score_masks(sp, tensors, levels, context=MaskContext(current=current))
     t_single = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        single = score_masks(sp, tensors, levels, context=MaskContext(current=current))
-        t_single = min(t_single, time.perf_counter() - t0)
     rows = {n: chunk_rows(t.shape[0], world) for n, t in tensors.items()}
     shards = [{n: shard_rows(t, rows[n])[r] for n, t in tensors.items()} for r in range(world)]
     cur = [{n: shard_rows(m, rows[n])[r][0] for n, m in current.items()} for r in range(world)]
@@ -121,7 +117,10 @@ def run_case(name: str, args: dict[str, Any], tensors: dict[str, torch.Tensor], 
             best = {"wall": wall, "collectives": ranks.collectives[0], "calls": ranks.comms[0].calls, "out": out}
             recorded = [r for _, r in out]
     compute = [float("inf")] * world
-    for _ in range(repeat):  # each rank alone, its collectives replayed: its own compute time
+    for _ in range(repeat):  # one process, then each rank alone with its collectives replayed, in turn
+        t0 = time.perf_counter()
+        score_masks(sp, tensors, levels, context=MaskContext(current=current))
+        t_single = min(t_single, time.perf_counter() - t0)
         for r in range(world):
             t0 = time.perf_counter()
             again = score_masks(sp, local[r], levels, context=context(r, ReplayComm(r, world, recorded[r])))
