@@ -31,6 +31,8 @@ Modules
 - :mod:`.patterns`: N:M.
 - :mod:`.data_norm`: the seed's ``data_norm`` sparsifier's masks.
 - :mod:`.masks`: :func:`score_masks`, the entry point, and :func:`check_masks`.
+- :mod:`.distributed`: the same masks from row shards (FSDP2 ``Shard(0)``, ``MaskContext.shards``),
+  with a handful of collectives per update and no weight gathered.
 """
 
 from __future__ import annotations

@@ -13,31 +13,44 @@ What is exact, and how
   lowest scores until ``round(level * n)`` units over the GLOBAL ``n`` (ragged blocks: the prefix
   whose element count is closest to the target). It is found as a threshold ``t`` and a number of
   ties at ``t`` to prune, then every rank decides its own units:
-  1. *Sample* (tensors of more than ``kernels.EXACT`` units): a stratified sample over the global
-     units whose draw in each stride is a hash of the stride's number, so a rank draws and scores
-     only the strides over its own units; one ``all_reduce(max)`` assembles it on every rank, so
-     every rank brackets the cut ``[lo, hi)`` alike. A mass of equal scores at the sampled
-     quantile (zeros after gradual pruning, quantised weights) takes the *ties* pass instead.
+  1. *Sample* (problems larger than twice the sample): a stratified sample of
+     ``kernels.SAMPLE // 4`` units over the global numbering whose draw in each stride is a hash
+     of the stride's number, so a rank draws and scores only the strides over its own units; one
+     ``all_reduce(max)`` assembles it on every rank, so every rank brackets the cut ``[lo, hi)``
+     alike. A mass of equal scores at the sampled quantile (zeros after gradual pruning,
+     quantised weights) takes the *ties* pass instead: ``> v`` kept, ``< v`` and ``== v`` counted
+     by tensor and rank, and the mass split by an exclusive prefix of those counts (no positions
+     kept, no pass at all when the whole mass goes one way).
   2. *One pass*: units ``>= hi`` are kept, those ``< lo`` counted, those in the bracket kept
-     aside (typically under 1 %). Small tensors skip the sample: all their units are candidates.
+     aside (a few percent). Small problems skip the sample: all their units are candidates.
   3. *One all_gather of counts* (every problem's at once): the weight below the bracket, in it,
-     and whether a rank overflowed; the bracket is checked globally, so every rank takes the
-     same branch. A miss or an overflow takes the exact fallback: the same search over all units.
+     whether a rank overflowed, the candidates' range and the tie counts; the bracket is checked
+     globally, so every rank takes the same branch. A miss or an overflow takes the exact
+     fallback: the same search over all units, re-read from the scores each round.
   4. *Radix search*: rounds of histograms of the candidates' order-preserving integer keys
      (``all_reduce(sum)``, every problem's at once) narrow ``t`` to one float value (2 rounds
      typically, 3 at most); no score is gathered.
-  5. *One all_gather of tie counts* by tensor and rank: an exclusive prefix over (tensor, rank)
+  5. *One all_gather of tie weights* by tensor and rank: an exclusive prefix over (tensor, rank)
      tells each rank how many ties precede its own, so ties split in global order.
-- N:M groups and blocks are computed locally when every group is whole on its rank, and refused
-  on every rank together otherwise (one collective flag: no rank waits for another that raised).
+- Collectives per update: one all_gather to start (refusals, what the current masks prune,
+  where the shards are), then per selection round at most 1 + 1 + 3 + 1 as above, all tensors
+  batched; ``scope="global"`` adds one all_reduce of per-tensor counts per round of its bounds
+  (``_bounds.py``; usually one round, the tensors fixed at a bound selected with the next).
+- N:M groups and blocks are computed locally when every group is whole on its rank (N:M along
+  rows; along dim 0, as for transformers' Conv1D ``[in, out]`` or a 1-D tensor, when the shards
+  are aligned to M; ``HxW`` when they are aligned to H), and refused on every rank together
+  otherwise, with the tensor, the shards and the rule named. Blocks running along dim 0 of a
+  2-D+ tensor (``channel`` or ``1xW`` on a Conv1D) are refused: their order interleaves ranks.
 - Replicated tensors (no entry in ``shards.tensors``) are whole on every rank: selected locally
   unless they share a global group with sharded tensors, where every rank holds them alike (their
   counts are taken from rank 0 only).
+- An error on one rank (NaN scores, say) is held until the next collective, which tells every
+  rank: all raise (the failing one its own error) and none waits for a rank that stopped. Local
+  work that needs no collective (N:M, replicated tensors) runs after the last collective.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
