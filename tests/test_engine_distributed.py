@@ -383,3 +383,37 @@ def test_nan_on_one_rank_stops_every_rank(path, scope, nans):
     assert isinstance(errors[2], ValueError) and "'a'" in str(errors[2]) and "NaN" in str(errors[2])
     for e in errors[:2]:
         assert isinstance(e, RuntimeError) and "rank 2 raised" in str(e), e
+
+
+def test_the_kit_compares_a_plugin_on_shards_with_one_process():
+    from sparsity_core import ScoreSparsifier
+    from sparsity_core.testing import masks_on_shards
+
+    class RowScaled(ScoreSparsifier):  # a score of the element and its row only: shard safe
+        name = "row_scaled_test"
+
+        def score(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+            rows = tensor.reshape(tensor.shape[0], -1) if tensor.dim() > 1 else tensor.reshape(-1, 1)
+            return (tensor.abs().reshape(rows.shape) / (1 + rows.abs().sum(1, keepdim=True))).reshape(tensor.shape)
+
+    tensors = model(24)
+    for args in ({"sparsity_level": 0.6, "scope": "global"}, {"pattern": "2:4"}, {"sparsity_level": 0.4, "pattern": "1x4"}):
+        sp = RowScaled(args)
+        levels = sp.final_levels(tensors)
+        rows = {n: chunk_rows(t.shape[0], 3) for n, t in tensors.items() if t.dim() > 1 and n != "head.weight"}
+        sharded, ranks = masks_on_shards(sp, tensors, levels, rows)
+        whole = sp.compute_masks(tensors, levels, MaskContext())
+        assert all(torch.equal(sharded[n], whole[n]) for n in tensors)
+        assert len(set(ranks.collectives)) == 1
+
+    class WholeTensor(ScoreSparsifier):  # a score normalised by the whole tensor: not shard safe
+        name = "whole_tensor_test"
+
+        def score(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.abs() - tensor.abs().mean()
+
+    sp = WholeTensor({"sparsity_level": 0.5, "scope": "global"})
+    levels = sp.final_levels(tensors)
+    sharded, _ = masks_on_shards(sp, tensors, levels, {"emb.weight": [90, 6]})
+    whole = sp.compute_masks(tensors, levels, MaskContext())
+    assert not torch.equal(sharded["emb.weight"], whole["emb.weight"])  # the kit shows it

@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     "check_sparsifier": "._kit",
     "chunk_rows": "._ranks",
     "isolated_registry": "._isolation",
+    "masks_on_shards": "._ranks",
     "parametrize_with_checks": "._parametrize",
     "shard_rows": "._ranks",
 }
@@ -61,4 +62,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._isolation import isolated_registry
     from ._kit import KitReport, assert_conforms, check_names, check_scheduler, check_sparsifier
     from ._parametrize import Check, parametrize_with_checks
-    from ._ranks import RankFailed, SimulatedCommunicator, SimulatedRanks, chunk_rows, shard_rows
+    from ._ranks import RankFailed, SimulatedCommunicator, SimulatedRanks, chunk_rows, masks_on_shards, shard_rows

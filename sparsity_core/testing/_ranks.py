@@ -10,6 +10,9 @@ order, so results are deterministic), and returns every rank's result in rank or
     masks = ranks.run(lambda comm: my_update(comm))   # [rank 0's, rank 1's]
     ranks.collectives                                  # collectives each rank made
 
+:func:`masks_on_shards` runs a sparsifier's ``compute_masks`` on row shards of given tensors and
+reassembles the masks, to compare with one process on the whole tensors (shard safety).
+
 A rank that raises breaks the barrier, so the others stop at their next collective instead of
 waiting forever; :meth:`SimulatedRanks.run` then raises the error of the lowest rank that raised
 (not the broken barriers it caused). A rank that skips a collective the others make is reported
@@ -19,7 +22,7 @@ the same way after ``timeout`` seconds.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -148,3 +151,61 @@ def chunk_rows(n: int, world_size: int) -> list[int]:
     ranks may hold none)."""
     size = -(-n // world_size) if n else 0
     return [max(0, min(size, n - r * size)) for r in range(world_size)]
+
+
+def masks_on_shards(
+    sparsifier: Any,
+    tensors: Mapping[str, Tensor],
+    levels: Mapping[str, float],
+    rows: Mapping[str, Sequence[int]],
+    *,
+    current: Mapping[str, Tensor] | None = None,
+    layouts: Mapping[str, Any] | None = None,
+    timeout: float = 60.0,
+) -> tuple[dict[str, Tensor], SimulatedRanks[dict[str, Tensor]]]:
+    """The masks ``sparsifier`` computes on row shards, reassembled: the tensors named in
+    ``rows`` are cut along dim 0 (``rows[name]``: each rank's row count, see :func:`chunk_rows`),
+    the others are replicated; each rank calls ``compute_masks`` with its local tensors (and its
+    local rows of ``current``) and ``MaskContext.shards``. A shard-safe sparsifier gives exactly
+    the masks of ``compute_masks`` on the whole tensors::
+
+        sharded, _ = masks_on_shards(sp, tensors, levels, {n: chunk_rows(t.shape[0], 2) for n, t in tensors.items()})
+        whole = sp.compute_masks(tensors, levels, MaskContext())
+
+    Also returns the ranks (``ranks.collectives``: the collectives each made)."""
+    from .._contract import MaskContext
+    from .._shards import Shard, Shards
+
+    sizes = {len(r) for r in rows.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"every tensor in rows must be cut for the same number of ranks, got {sorted(sizes)}")
+    world = sizes.pop()
+    current = current or {}
+    ranks: SimulatedRanks[dict[str, Tensor]] = SimulatedRanks(world, timeout=timeout)
+
+    def update(comm: SimulatedCommunicator) -> dict[str, Tensor]:
+        local, cur, shards = {}, {}, {}
+        for n, t in tensors.items():
+            if n in rows:
+                local[n], offset = shard_rows(t, rows[n])[comm.rank]
+                shards[n] = Shard(t.shape, offset)
+                if n in current:
+                    cur[n] = shard_rows(current[n], rows[n])[comm.rank][0]
+            else:
+                local[n] = t.clone()
+                if n in current:
+                    cur[n] = current[n].clone()
+        context = MaskContext(current=cur, layouts=dict(layouts or {}), shards=Shards(comm, shards))
+        masks = sparsifier.compute_masks(local, levels, context)
+        return {n: m for n, m in masks.items()}
+
+    out = ranks.run(update)
+    gathered = {}
+    for n in tensors:
+        if n in rows:
+            gathered[n] = torch.cat([o[n] for o in out])
+        else:
+            if not all(torch.equal(o[n], out[0][n]) for o in out):
+                raise AssertionError(f"the mask of replicated tensor {n!r} differs across the ranks")
+            gathered[n] = out[0][n]
+    return gathered, ranks
