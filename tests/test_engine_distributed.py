@@ -417,3 +417,18 @@ def test_the_kit_compares_a_plugin_on_shards_with_one_process():
     sharded, _ = masks_on_shards(sp, tensors, levels, {"emb.weight": [90, 6]})
     whole = sp.compute_masks(tensors, levels, MaskContext())
     assert not torch.equal(sharded["emb.weight"], whole["emb.weight"])  # the kit shows it
+
+
+def test_many_large_tensors_share_the_sample(monkeypatch):
+    from sparsity_core import _engine as engine
+    from sparsity_core._engine import distributed
+
+    monkeypatch.setattr(engine.kernels, "EXACT", 100)
+    monkeypatch.setattr(engine.kernels, "SAMPLE", 40000)
+    monkeypatch.setattr(distributed, "SAMPLE_TOTAL", 1 << 14)
+    g = torch.Generator().manual_seed(25)
+    tensors = {f"l{i}.weight": torch.randn(120, 100, generator=g) for i in range(8)}
+    sp = create_sparsifier("magnitude", {"sparsity_level": 0.8})
+    ranks = assert_same_as_one_process(sp, tensors, {n: uneven(120, 3) for n in tensors})
+    sample = [size for op, size in ranks.comms[0].calls if op == "all_reduce(max)"]
+    assert sample == [8 * 4096 + 1]  # each a share of the total (at least 2**12), not 40000 // 4

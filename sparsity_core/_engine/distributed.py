@@ -76,8 +76,11 @@ if TYPE_CHECKING:
 #: one problem, in 3 for many; a bracket's range is far narrower.
 BINS = 1 << 16
 MIN_BINS = 1 << 11
-#: The sample of a distributed selection is ``kernels.SAMPLE // SAMPLE_SHARE`` (see _sample_size).
+#: The sample of a distributed selection is ``kernels.SAMPLE // SAMPLE_SHARE`` (see _sample_size),
+#: and the samples of one update (assembled by one all_reduce) hold at most SAMPLE_TOTAL scores
+#: (many large tensors in layer scope: each sample is smaller, its bracket wider).
 SAMPLE_SHARE = 4
+SAMPLE_TOTAL = 1 << 21
 
 _KEY_MASK = 0x7FFFFFFF
 
@@ -225,20 +228,21 @@ def select_many(problems: Sequence[_Problem], comm: Communicator) -> None:
             part.units.release()
 
 
-def _sample_size(total: int) -> int:
-    """Units sampled to bracket a selection over ``total``: a quarter of one process's
-    ``kernels.SAMPLE``. Every rank sorts the whole sample, a cost that does not shrink with its
-    shard; a bracket twice as wide costs less (its candidates are a few percent of a pass)."""
-    return min(max(kernels.SAMPLE // SAMPLE_SHARE, 1), total)
+def _sample_size(total: int, problems: int = 1) -> int:
+    """Units sampled to bracket a selection over ``total`` among ``problems`` sampled at once: a
+    quarter of one process's ``kernels.SAMPLE`` (every rank sorts the whole sample, a cost that
+    does not shrink with its shard; a bracket twice as wide costs less, its candidates being a
+    few percent of a pass), and a share of :data:`SAMPLE_TOTAL`, but never below 2**12."""
+    share = max(SAMPLE_TOTAL // max(problems, 1), 1 << 12)
+    return min(max(kernels.SAMPLE // SAMPLE_SHARE, 1), share, total)
 
 
-def _strata(total: int, g0: int, g1: int) -> tuple[np.ndarray, np.ndarray]:
-    """The sampled units in ``[g0, g1)`` of a stratified sample of :func:`_sample_size` over
+def _strata(total: int, n_sample: int, g0: int, g1: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sampled units in ``[g0, g1)`` of a stratified sample of ``n_sample`` over
     ``total`` units: one in each of equal strides, at an offset drawn from a counter-based hash
     of the stride's number, so that a rank draws only the strides over its own
     units and every rank agrees on the whole sample. Returns the sampled global indices (sorted)
     and the numbers of their strides."""
-    n_sample = _sample_size(total)
     stride = total / n_sample
     first = max(0, math.floor(g0 / stride) - 1)
     last = min(n_sample, math.ceil(g1 / stride) + 1)
@@ -263,7 +267,7 @@ def _sample_brackets(problems: Sequence[_Problem], comm: Communicator, stop: _St
     ties) decided from it, alike on every rank."""
     if not problems:
         return
-    sizes = [_sample_size(sum(part.n for part in p.parts)) for p in problems]
+    sizes = [_sample_size(sum(part.n for part in p.parts), len(problems)) for p in problems]
     values = torch.full((sum(sizes) + 1,), -math.inf, dtype=torch.float32)  # the last: a failed rank
 
     def draw() -> None:
@@ -273,7 +277,7 @@ def _sample_brackets(problems: Sequence[_Problem], comm: Communicator, stop: _St
             base = 0
             for part in p.parts:
                 g0 = base + (part.start if part.sharded else 0)
-                index, slots = _strata(total, g0, g0 + part.units.n)
+                index, slots = _strata(total, n_sample, g0, g0 + part.units.n)
                 if index.size:  # a sampled unit's slot is the number of its stride
                     values[at + torch.from_numpy(slots)] = part.units.at(torch.from_numpy(index - g0)).to(torch.float32)
                 base += part.n
