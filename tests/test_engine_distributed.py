@@ -221,6 +221,28 @@ def test_nm_along_dim_0_when_groups_are_whole(path, pattern):
     assert_same_as_one_process(sp, tensors, {"c_attn.weight": [16, 0, 28, 20], "bias": [8, 8, 16, 0]}, layouts=layouts)
 
 
+@pytest.mark.parametrize("pattern", ["1x4", "1x3", "2x4"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("zeros", [0.0, 0.7])
+def test_blocks_along_dim_0_interleave_ranks_in_order(path, pattern, scope, zeros):
+    # Conv1D [in, out]: a block of the [out, in] view lies along dim 0, so a rank holds a run of
+    # block columns in every block row; ties split by block row, then rank
+    g = torch.Generator().manual_seed(26)
+    tensors = {"c_attn.weight": torch.randn(48, 30, generator=g), "c_proj.weight": torch.randn(24, 48, generator=g), "fc.weight": torch.randn(36, 12, generator=g)}
+    for t in tensors.values():
+        t[torch.rand(t.shape, generator=g) < zeros] = 0.0
+    tensors["c_proj.weight"][:, :5] = 0.25  # exact ties across rows and ranks
+    layouts = {"c_attn.weight": CONV1D, "c_proj.weight": CONV1D}
+    w = int(pattern.split("x")[1])
+    rows = {"c_attn.weight": uneven(48, 3, w), "c_proj.weight": [0, 12, 12], "fc.weight": chunk_rows(36, 3)}
+    for level in (0.3, 0.75):
+        sp = create_sparsifier("magnitude", {"sparsity_level": level, "scope": scope, "pattern": pattern})
+        assert_same_as_one_process(sp, tensors, rows, layouts=layouts)
+        first = create_sparsifier("magnitude", {"sparsity_level": 0.5, "scope": scope, "pattern": pattern})
+        current = score_masks(first, tensors, first.final_levels(tensors), context=MaskContext(layouts=layouts))
+        assert_same_as_one_process(sp, tensors, rows, layouts=layouts, current=current)
+
+
 def test_the_big_path_agrees(monkeypatch):
     # large tensors through the sampled bracket with many pieces, at default sample size
     from sparsity_core import _engine as engine
@@ -270,7 +292,8 @@ def refusals(sp, tensors, rows, layouts=None) -> list[BaseException]:
         ("2x2", (30, 8), [15, 15], None, ["multiple of 2", "rank 0 holds rows 0..15"]),
         ("4x1", (32, 8), [8, 10, 14], None, ["multiple of 4", "rank 1 holds rows 8..18"]),
         ("channel", (48,), [24, 24], None, ["multiple of 48"]),
-        ("1x4", (32, 8), [16, 16], CONV1D, ["across the shards", "unstructured"]),
+        ("1x4", (32, 8), [14, 18], CONV1D, ["4 columns wide along dim 0", "rank 0 holds rows 0..14", "multiple of 4"]),
+        ("channel", (32, 8), [16, 16], CONV1D, ["a channel spans every shard", "unstructured"]),
     ],
 )
 def test_misaligned_groups_are_refused_on_every_rank(pattern, shape, rows, layout, words):

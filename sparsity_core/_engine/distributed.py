@@ -6,9 +6,9 @@ tensors.
 What is exact, and how
 - Units (elements, blocks) are numbered as one process numbers them: tensor order, then the flat
   unit index. Under ``Shard(0)`` a rank's units are a contiguous range of that index whenever
-  they are whole on the rank (always for elements and for blocks one row high; ``HxW`` when the
-  shard's rows are aligned to H), so among equal scores the earlier tensor, then the earlier rank,
-  then the earlier position is pruned first.
+  they are whole on the rank and dim 0 runs along the outputs (always for elements and for
+  blocks one row high; ``HxW`` when the shard's rows are aligned to H), so among equal scores the
+  earlier tensor, then the earlier rank, then the earlier position is pruned first.
 - A selection prunes, over the units of a tensor (layer scope) or of a group (global scope), the
   lowest scores until ``round(level * n)`` units over the GLOBAL ``n`` (ragged blocks: the prefix
   whose element count is closest to the target). It is found as a threshold ``t`` and a number of
@@ -39,8 +39,11 @@ What is exact, and how
 - N:M groups and blocks are computed locally when every group is whole on its rank (N:M along
   rows; along dim 0, as for transformers' Conv1D ``[in, out]`` or a 1-D tensor, when the shards
   are aligned to M; ``HxW`` when they are aligned to H), and refused on every rank together
-  otherwise, with the tensor, the shards and the rule named. Blocks running along dim 0 of a
-  2-D+ tensor (``channel`` or ``1xW`` on a Conv1D) are refused: their order interleaves ranks.
+  otherwise, with the tensor, the shards and the rule named. Blocks whose columns run along
+  dim 0 (``1xW`` on a Conv1D ``[in, out]``) are whole on a rank when its shard is aligned to W;
+  a rank then holds a run of block columns in every block row, so their order interleaves the
+  ranks: ties are counted by block row and split row by row, then rank by rank. A ``channel``
+  there spans every shard and is refused.
 - Replicated tensors (no entry in ``shards.tensors``) are whole on every rank: selected locally
   unless they share a global group with sharded tensors, where every rank holds them alike (their
   counts are taken from rank 0 only).
@@ -117,6 +120,9 @@ class _Part:
     numel: int  # elements of the global tensor
     start: int  # global index of this rank's first unit in the tensor
     offset: int  # shard row offset: orders the ranks among equal scores
+    # blocks along dim 0 (a Conv1D [in, out]): this rank holds block columns c0..c0+cb_local of
+    # each of the rb block rows of cb: its units interleave with the other ranks' (rb, cb, c0, cb_local)
+    grid: tuple[int, int, int, int] | None = None
     # filled by the selection
     cand_pos: Tensor | None = None
     cand_val: Tensor | None = None
@@ -145,9 +151,14 @@ class _Problem:
     small: bool = False  # no sample: every unit is a candidate
     klo: int = _KEY_MIN
     khi: int = _KEY_MAX
-    ties_local: list[float] = field(default_factory=list)
-    ties_table: Tensor | None = None  # ranks x parts: tie weight at the cut (ties mode)
+    ties_local: list[Tensor] = field(default_factory=list)  # by part (and block row: grid)
+    ties_table: Tensor | None = None  # ranks x (parts, block rows): tie weight at the cut (ties mode)
     offsets: Tensor | None = None  # ranks x parts: shard row offsets
+
+
+def _width(part: _Part) -> int:
+    """Tie counts of a part in the collectives: one, or one per block row (``grid``)."""
+    return part.grid[0] if part.grid is not None else 1
 
 
 def _owned(part: _Part, rank: int) -> bool:
@@ -276,10 +287,18 @@ def _sample_brackets(problems: Sequence[_Problem], comm: Communicator, stop: _St
             total = sum(part.n for part in p.parts)
             base = 0
             for part in p.parts:
-                g0 = base + (part.start if part.sharded else 0)
-                index, slots = _strata(total, n_sample, g0, g0 + part.units.n)
+                if part.grid is not None:  # the tensor's strides, then the units this rank holds
+                    _, cb, c0, cbl = part.grid
+                    index, slots = _strata(total, n_sample, base, base + part.n)
+                    col = (index - base) % cb
+                    mine = (col >= c0) & (col < c0 + cbl)
+                    index, slots = (index - base)[mine] // cb * cbl + col[mine] - c0, slots[mine]
+                else:
+                    g0 = base + (part.start if part.sharded else 0)
+                    index, slots = _strata(total, n_sample, g0, g0 + part.units.n)
+                    index = index - g0
                 if index.size:  # a sampled unit's slot is the number of its stride
-                    values[at + torch.from_numpy(slots)] = part.units.at(torch.from_numpy(index - g0)).to(torch.float32)
+                    values[at + torch.from_numpy(slots)] = part.units.at(torch.from_numpy(index)).to(torch.float32)
                 base += part.n
                 if len(p.parts) > 1:
                     part.units.release()
@@ -332,7 +351,8 @@ def _first_pass(p: _Problem, rank: int) -> None:
     cap = math.inf if p.small else max(1 << 16, sum(part.units.n for part in p.parts) // 8)
     held = 0
     for part in p.parts:
-        below, cand, ties = 0.0, 0.0, 0.0
+        below, cand = 0.0, 0.0
+        ties = torch.zeros(_width(part), dtype=torch.float64)
         pos_l: list[Tensor] = []
         val_l: list[Tensor] = []
         w_l: list[Tensor] = []
@@ -343,7 +363,11 @@ def _first_pass(p: _Problem, rank: int) -> None:
                 at_or_above = _count(m)
                 np.greater(_np(s), p.lo, out=_np(m)) if _numpy_kernels(s) else m.logical_and_(s != p.lo)
                 below += s.numel() - at_or_above
-                ties += at_or_above - _count(m)
+                if part.grid is not None:  # by block row
+                    idx = np.flatnonzero(_np(s) == p.lo) if _numpy_kernels(s) else torch.nonzero(s == p.lo).view(-1).cpu().numpy()
+                    ties += torch.from_numpy(np.bincount((idx + start) // max(part.grid[3], 1), minlength=part.grid[0]).astype(np.float64))
+                else:
+                    ties += at_or_above - _count(m)
                 continue
             w = _weights(part, start, start + s.numel(), p.uniform)
             _ge_into(s, p.hi, m)
@@ -367,7 +391,7 @@ def _first_pass(p: _Problem, rank: int) -> None:
             if w is not None:
                 w_l.append(wc.cpu())
         if p.mode == "ties":
-            p.ties_local.append(ties if _owned(part, rank) else 0.0)
+            p.ties_local.append(ties if _owned(part, rank) else torch.zeros_like(ties))
         elif not p.overflow:
             part.cand_pos = torch.cat(pos_l) if pos_l else torch.empty(0, dtype=torch.int64)
             part.cand_val = torch.cat(val_l) if val_l else torch.empty(0, dtype=torch.float32)
@@ -392,7 +416,8 @@ def _gather_counts(problems: Sequence[_Problem], comm: Communicator, stop: _Stop
     for p in problems:
         rows += [p.below, p.cand, float(p.overflow), p.cmin, p.cmax]
         if p.mode == "ties":  # (a rank that failed may have counted fewer)
-            rows += (p.ties_local + [0.0] * len(p.parts))[: len(p.parts)]
+            done = len(p.ties_local)
+            rows += [x for t in p.ties_local for x in t.tolist()] + [0.0] * sum(_width(q) for q in p.parts[done:])
         rows += [float(part.offset) for part in p.parts]
     table = torch.stack(comm.all_gather(torch.tensor(rows, dtype=torch.float64)))  # ranks x rows
     stop.check(table[:, 0])
@@ -402,8 +427,9 @@ def _gather_counts(problems: Sequence[_Problem], comm: Communicator, stop: _Stop
         cmin, cmax = float(table[:, at + 3].min()), float(table[:, at + 4].max())
         at += 5
         if p.mode == "ties":
-            ties = table[:, at : at + len(p.parts)]
-            at += len(p.parts)
+            width = sum(_width(q) for q in p.parts)
+            ties = table[:, at : at + width]
+            at += width
         offsets = table[:, at : at + len(p.parts)]
         at += len(p.parts)
         p.offsets = offsets
@@ -523,8 +549,13 @@ def _split_ties(problems: Sequence[_Problem], comm: Communicator) -> None:
                 part.tie_w = None if p.uniform else (torch.cat(w_l) if w_l else torch.empty(0, dtype=torch.int64))
                 if len(p.parts) > 1:
                     part.units.release()
-            w = float(part.tie_pos.numel()) if part.tie_w is None else float(part.tie_w.sum())
-            rows.append(w if _owned(part, rank) else 0.0)
+            if part.grid is not None:  # by block row
+                rb, _, _, cbl = part.grid
+                w_rows = torch.bincount(part.tie_pos // max(cbl, 1), None if part.tie_w is None else part.tie_w.to(torch.float64), minlength=rb)
+                rows += w_rows.to(torch.float64).tolist()
+            else:
+                w = float(part.tie_pos.numel()) if part.tie_w is None else float(part.tie_w.sum())
+                rows.append(w if _owned(part, rank) else 0.0)
     table = None
     if rows:
         table = torch.stack(comm.all_gather(torch.tensor(rows, dtype=torch.float64)))
@@ -532,26 +563,83 @@ def _split_ties(problems: Sequence[_Problem], comm: Communicator) -> None:
     for p in problems:
         offsets = p.offsets
         assert offsets is not None
+        width = sum(_width(q) for q in p.parts)
         if p.mode == "ties":
             ties = p.ties_table
         else:
             assert table is not None
-            ties = table[:, at : at + len(p.parts)]
-            at += len(p.parts)
+            ties = table[:, at : at + width]
+            at += width
+        assert ties is not None
         before = p.below
+        col = 0
         for j, part in enumerate(p.parts):
-            mine = before
+            counts = ties[:, col : col + _width(part)]  # ranks x (1 or block rows)
+            col += _width(part)
             if part.sharded:
                 # ranks holding earlier rows (or the same rows, an empty shard, at a lower rank)
                 earlier = (offsets[:, j] < offsets[rank, j]) | ((offsets[:, j] == offsets[rank, j]) & (torch.arange(len(offsets)) < rank))
-                mine += float(ties[earlier, j].sum())
-                before += float(ties[:, j].sum())
+                ahead = counts[earlier].sum(0)
             else:
-                before += float(ties[0, j])
+                counts, ahead = counts[:1], torch.zeros(counts.shape[1], dtype=counts.dtype)
+            if part.grid is not None:  # block row by block row: the rows before, then the ranks before
+                by_row = counts.sum(0)
+                row_base = before + torch.cumsum(by_row, 0) - by_row + ahead
+                before += float(by_row.sum())
+                if p.mode == "ties":
+                    _prune_tie_mass_grid(part, p.lo, row_base, p.goal)
+                else:
+                    _prune_ties_grid(part, row_base, p.goal)
+                continue
+            mine = before + float(ahead.sum())
+            before += float(counts.sum())
             if p.mode == "ties":
-                _prune_tie_mass(part, p.lo, mine, float(ties[rank if part.sharded else 0, j]), p.goal)
+                _prune_tie_mass(part, p.lo, mine, float(counts[rank if part.sharded else 0, 0]), p.goal)
             else:
                 _prune_ties(part, mine, p.goal)
+
+
+def _pruned_by_order(prior: Tensor, w: Tensor, goal: float) -> Tensor:
+    """Which of the sorted units after ``prior`` weight, each of weight ``w``, one process prunes:
+    the prefix j of the sorted units minimising |cum_j - goal| (the first such j), so a unit is
+    pruned when its prefix ends short of the goal, or when it crosses the goal and ending after
+    it is strictly closer than ending before it (exactly ``goal`` units when all weigh 1)."""
+    after = prior + w
+    return (after < goal) | ((prior < goal) & (goal <= after) & (after - goal < goal - prior))
+
+
+def _prune_ties_grid(part: _Part, row_base: Tensor, goal: float) -> None:
+    """:func:`_prune_ties` for interleaved units: a tie's weight before it is its block row's base
+    plus this rank's ties before it in that row."""
+    pos = part.tie_pos
+    assert pos is not None and part.grid is not None
+    if not pos.numel():
+        return
+    w = torch.ones(pos.numel(), dtype=torch.float64) if part.tie_w is None else part.tie_w.to(torch.float64)
+    row = pos // part.grid[3]
+    cum = torch.cumsum(w, 0) - w
+    prior = row_base[row] + cum - cum[torch.searchsorted(row, row)]
+    keep = pos[~_pruned_by_order(prior, w, goal)]
+    part.units.mask[keep.to(part.units.mask.device)] = True
+
+
+def _prune_tie_mass_grid(part: _Part, value: float, row_base: Tensor, goal: float) -> None:
+    """:func:`_prune_tie_mass` for interleaved units (one more pass, a tie count by block row)."""
+    assert part.grid is not None
+    rb, _, _, cbl = part.grid
+    seen = torch.zeros(rb, dtype=torch.float64)  # this rank's ties so far, by block row
+    for start, s in part.units.pieces():
+        m = part.units.mask[start : start + s.numel()]
+        idx = torch.from_numpy(np.flatnonzero(_np(s) == value)) if _numpy_kernels(s) else torch.nonzero(s == value).view(-1).cpu()
+        if not idx.numel():
+            continue
+        row = (idx + start) // cbl
+        ordinal = torch.arange(idx.numel(), dtype=torch.float64) - torch.searchsorted(row, row).to(torch.float64)
+        prior = row_base[row] + seen[row] + ordinal
+        keep = idx[~_pruned_by_order(prior, torch.ones_like(prior), goal)]
+        m[keep.to(m.device)] = True
+        seen += torch.bincount(row, minlength=rb).to(torch.float64)
+    part.units.release()
 
 
 def _prune_tie_mass(part: _Part, value: float, before: float, count: float, goal: float) -> None:
@@ -589,13 +677,7 @@ def _prune_ties(part: _Part, before: float, goal: float) -> None:
         keep = pos[n_prune:]
     else:
         w = part.tie_w.to(torch.float64)
-        after = before + torch.cumsum(w, 0)
-        prior = after - w
-        # one process prunes the prefix j of the sorted units minimising |cum_j - goal| (the
-        # first such j): a unit is pruned when its prefix ends short of the goal, or when it
-        # crosses the goal and ending after it is strictly closer than ending before it
-        prune = (after < goal) | ((prior < goal) & (goal <= after) & (after - goal < goal - prior))
-        keep = pos[~prune]
+        keep = pos[~_pruned_by_order(before + torch.cumsum(w, 0) - w, w, goal)]
     part.units.mask[keep.to(part.units.mask.device)] = True
 
 
@@ -617,6 +699,14 @@ def _rows_along_outputs(ndim: int, layout: TensorLayout) -> bool:
     return ndim >= 2 and layout.permutation(ndim)[0] == 0
 
 
+def _column_split(shape: Sequence[int], layout: TensorLayout) -> tuple[int, int]:
+    """Where dim 0 sits among the matrix view's columns when it is not the output axis: the
+    product of the column axes before it and after it (a column is ``(o * I + i) * inner + s``)."""
+    perm = layout.permutation(len(shape))
+    p0 = perm.index(0)
+    return _prod([shape[d] for d in perm[1:p0]]), _prod([shape[d] for d in perm[p0 + 1 :]])
+
+
 def _groups_whole(shape: Sequence[int], layout: TensorLayout, offset: int, rows: int, m: int) -> bool:
     """Whether the groups of ``m`` consecutive columns of the matrix view (the last one may be
     shorter) that hold this shard's elements are whole on it and grouped alike in its own matrix
@@ -627,9 +717,7 @@ def _groups_whole(shape: Sequence[int], layout: TensorLayout, offset: int, rows:
     if ndim <= 1:
         outer, inner = 1, 1
     else:
-        perm = layout.permutation(ndim)
-        p0 = perm.index(0)
-        outer, inner = _prod([shape[d] for d in perm[1:p0]]), _prod([shape[d] for d in perm[p0 + 1 :]])
+        outer, inner = _column_split(shape, layout)
     total_rows, cols = int(shape[0]), outer * int(shape[0]) * inner
     o = torch.arange(outer).view(-1, 1, 1)
     i = torch.arange(offset, offset + rows).view(1, -1, 1)
@@ -683,10 +771,20 @@ def _rule(shape: tuple[int, ...], layout: TensorLayout, pattern: tuple[str, int,
             return ""
         return f"its blocks of {w} run along dim 0, so every shard's offset and row count must be a multiple of {w} (the last shard may end the tensor)"
     if not along:
-        return (
-            "its blocks run along dim 0 (the reduction axis of its [outputs, reduction] view), across the shards; "
-            "use pattern 'unstructured' or N:M for it (overrides) or leave it out (exclude)"
-        )
+        outer, inner = _column_split(shape, layout)
+        if outer > 1 or kind == "channel":
+            what = "a channel spans every shard" if kind == "channel" else "its block columns interleave dim 0 with other axes"
+            return (
+                f"its blocks run along dim 0 (the reduction axis of its [outputs, reduction] view) and {what}; "
+                f"use pattern 'unstructured', '1xW' with aligned shards, or N:M for it (overrides), or leave it out (exclude)"
+            )
+        if (offset * inner) % w or ((rows * inner) % w and end != shape[0]):
+            unit = "" if inner == 1 else f" times {inner} (the columns of one row of dim 0)"
+            return (
+                f"its blocks are {w} columns wide along dim 0 (the reduction axis of its [outputs, reduction] view), "
+                f"so every shard's offset and row count{unit} must be a multiple of {w} (the last shard may end the tensor)"
+            )
+        return ""
     if h > 1 and not (offset % h == 0 and (rows % h == 0 or end == shape[0])):
         return f"blocks are {h} rows high, so every shard's offset and row count must be a multiple of {h} (the last shard may end the tensor)"
     return ""
@@ -711,16 +809,15 @@ def _part(scorer: Scorer, plan: _Plan, layout: TensorLayout) -> _Part:
         )
     rb, cb = -(-rows // h), -(-cols // w)
     size = 0 if rows % h or cols % w else h * w
-    if scorer.tensor.numel() == 0:
-        units, start = _Elements(scorer), 0
-    else:
-        units = _Blocks(scorer, h, w)
-        if len(shape) <= 1:
-            start = plan.shard.offset // w
-        elif _rows_along_outputs(len(shape), layout):
-            start = plan.shard.offset // h * cb
-        else:  # whole on this rank (checked)
-            start = 0
+    units = _Elements(scorer) if scorer.tensor.numel() == 0 else _Blocks(scorer, h, w)
+    if len(shape) <= 1:
+        start = plan.shard.offset // w
+    elif _rows_along_outputs(len(shape), layout):
+        start = plan.shard.offset // h * cb
+    else:  # block columns along dim 0, aligned (checked): interleaved with the other ranks'
+        _, inner = _column_split(shape, layout)
+        grid = (rb, cb, plan.shard.offset * inner // w, units.cb if isinstance(units, _Blocks) else 0)
+        return _Part(units, True, rb * cb, size, numel, 0, plan.shard.offset, grid)
     return _Part(units, True, rb * cb, size, numel, start, plan.shard.offset)
 
 
