@@ -46,6 +46,7 @@ def run_sharded(
     layouts: Mapping[str, TensorLayout] | None = None,
     levels: Mapping[str, float] | None = None,
     applied: bool = False,
+    packed: bool = False,
 ) -> tuple[dict[str, torch.Tensor], SimulatedRanks, list[dict[str, torch.Tensor]]]:
     """Each rank's masks for its rows of the tensors in ``rows`` (the others replicated),
     reassembled; the ranks (for their collectives) and every rank's local tensors after."""
@@ -68,10 +69,16 @@ def run_sharded(
                 if n in current:
                     cur[n] = current[n].clone()
         locals_[comm.rank] = local
+        if packed:  # the controller's masks in force, 1 bit per weight
+            from sparsity_core._bits import MaskView, PackedMask
+
+            cur = MaskView({n: PackedMask.pack(m) for n, m in cur.items()})
         context = MaskContext(current=cur, layouts=layouts or {}, shards=Shards(comm, shards))
         return score_masks(sp, local, levels, {} if applied else None, context=context)
 
     out = ranks.run(update)
+    # with applied, masks are handed over as made: bool here, packed for replicated unstructured
+    out = [{n: m.to_bool() if hasattr(m, "to_bool") else m for n, m in o.items()} for o in out]
     gathered = {}
     for n in tensors:
         if n in rows:
@@ -83,10 +90,10 @@ def run_sharded(
     return gathered, ranks, locals_
 
 
-def assert_same_as_one_process(sp, tensors, rows, *, current=None, layouts=None, levels=None):
+def assert_same_as_one_process(sp, tensors, rows, *, current=None, layouts=None, levels=None, packed=False):
     levels = dict(levels or sp.final_levels(tensors))
     single = score_masks(sp, tensors, levels, context=MaskContext(current=current or {}, layouts=layouts or {}))
-    got, ranks, _ = run_sharded(sp, tensors, rows, current=current, layouts=layouts, levels=levels)
+    got, ranks, _ = run_sharded(sp, tensors, rows, current=current, layouts=layouts, levels=levels, packed=packed)
     for n in tensors:
         assert torch.equal(got[n], single[n]), f"{n!r}: {int((~got[n]).sum())} pruned on shards, {int((~single[n]).sum())} in one process"
     return ranks
@@ -169,8 +176,8 @@ def test_quantised_weights_few_distinct_values(path, pattern, scope):
 
 @pytest.mark.parametrize("pattern", ["unstructured", "channel", "2x2"])
 @pytest.mark.parametrize("scope", ["layer", "global"])
-@pytest.mark.parametrize("level", [0.5, 0.9])
-def test_nested_update_over_mostly_pruned_weights(path, pattern, scope, level):
+@pytest.mark.parametrize("level,packed", [(0.5, False), (0.9, False), (0.9, True)])
+def test_nested_update_over_mostly_pruned_weights(path, pattern, scope, level, packed):
     # the current masks prune 80 %: they stay pruned (-inf), a lower level is raised to them
     tensors = model(13)
     del tensors["fc.bias"]
@@ -180,7 +187,7 @@ def test_nested_update_over_mostly_pruned_weights(path, pattern, scope, level):
     moved = {n: t + 0.5 * torch.randn(t.shape, generator=g) for n, t in tensors.items()}  # weights moved since
     sp = create_sparsifier("magnitude", {"sparsity_level": level, "scope": scope, "pattern": pattern})
     rows = {n: uneven(t.shape[0], 3, 2) for n, t in tensors.items() if n != "head.weight"}
-    assert_same_as_one_process(sp, moved, rows, current=current)
+    assert_same_as_one_process(sp, moved, rows, current=current, packed=packed)
 
 
 def test_bounds_use_global_sizes(path):

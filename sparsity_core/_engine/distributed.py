@@ -55,13 +55,14 @@ What is exact, and how
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from .._bits import MaskView
 from .._bounds import bounds
 from .._shards import Communicator, Shard
 from . import kernels
@@ -883,12 +884,14 @@ def shard_masks(
     sparsifier: ScoreSparsifier,
     tensors: Mapping[str, Tensor],
     levels: Mapping[str, float],
-    applied: dict[str, Tensor] | None,
+    applied: MutableMapping[str, Any] | None,
     context: MaskContext,
-) -> dict[str, Tensor]:
+) -> MutableMapping[str, Any]:
     """:func:`~sparsity_core._engine.score_masks` on row shards (``context.shards``): each
     tensor in ``shards.tensors`` is this rank's rows; the masks are the local slices of the
-    masks of one process on the gathered tensors. Every rank calls it with the same names."""
+    masks of one process on the gathered tensors. Every rank calls it with the same names.
+    ``applied``: as for ``score_masks`` (each mask applied and handed over, not kept; the local
+    bool masks here, the masks of replicated tensors as ``score_masks`` makes them)."""
     from .masks import _check_level, _pruned_now, score_masks
 
     shards = context.shards
@@ -901,9 +904,17 @@ def shard_masks(
     def layout(name: str) -> TensorLayout:
         return context.layout(name, tensors[name])
 
+    # the controller's masks in force, packed: read a piece at a time instead of unpacked whole
+    packed_current = current.packed() if isinstance(current, MaskView) else {}
+
     def scorer(name: str) -> Scorer:
-        keep = current.get(name)
+        keep = packed_current.get(name) if name in packed_current else current.get(name)
         return Scorer(sparsifier, name, tensors[name], layouts.get(name), keep.to(tensors[name].device) if keep is not None else None)
+
+    def pruned(name: str, units: _Units) -> float:
+        if name in packed_current and not isinstance(units, _Blocks):
+            return float(packed_current[name].pruned())
+        return _pruned_now(current.get(name), units)
 
     specs = {n: sparsifier.spec_for(n) for n in tensors}
     patterns = {n: tuple(specs[n].parsed_pattern) for n in tensors}  # type: ignore[attr-defined]
@@ -919,11 +930,12 @@ def shard_masks(
     masks: dict[str, Tensor] = {}
 
     def done(name: str, mask: Tensor, fused: bool = False) -> None:
-        masks[name] = mask
-        if applied is not None:
-            if not fused:
-                apply_mask_(tensors[name], mask)
-            applied[name] = mask
+        if applied is None:
+            masks[name] = mask
+            return
+        if not fused:
+            apply_mask_(tensors[name], mask)
+        applied[name] = mask  # handed over, not kept (see score_masks)
 
     with torch.no_grad():
         stop = _Stop()
@@ -938,10 +950,10 @@ def shard_masks(
                 plans[n] = _plan(n, tensors[n], shards.tensors[n], layout(n), patterns[n])  # type: ignore[arg-type]
                 if patterns[n][0] != "n:m" and not plans[n].rule:
                     parts[n] = _part(scorer(n), plans[n], layout(n))
-                    pruned_now[n] = _pruned_now(current.get(n), parts[n].units)
+                    pruned_now[n] = pruned(n, parts[n].units)
             for n in in_mixed - set(sharded):
                 parts[n] = _replicated_part(scorer(n), patterns[n])  # type: ignore[arg-type]
-                pruned_now[n] = _pruned_now(current.get(n), parts[n].units)
+                pruned_now[n] = pruned(n, parts[n].units)
 
         stop.run(setup)
         # one collective for the whole update: a rank that failed, refusals, what is pruned now,
@@ -972,8 +984,8 @@ def shard_masks(
             _select_bounded(group, max(target, float(sum(floors))), specs[names[0]], floors, comm)
         # the collectives are over: what is left is local (an error raised from here on leaves
         # no rank waiting)
-        for n in parts:
-            done(n, parts[n].units.element_mask())
+        for n in list(parts):
+            done(n, parts.pop(n).units.element_mask())  # handed over: let it go
         for n in sharded:
             if patterns[n][0] == "n:m":
                 _, a, b = patterns[n]
@@ -982,8 +994,10 @@ def shard_masks(
                 else:
                     done(n, nm_mask(scorer(n), a, b, levels_[n], applied is not None), fused=True)
     if local:  # replicated tensors selected on their own: as in one process (no collective)
-        masks.update(score_masks(sparsifier, {n: tensors[n] for n in local}, levels, applied, context=replace(context, shards=None)))
-    return {n: masks[n] for n in tensors}
+        alone = score_masks(sparsifier, {n: tensors[n] for n in local}, levels, applied, context=replace(context, shards=None))
+        if applied is None:
+            masks.update(alone)  # type: ignore[arg-type]
+    return {n: masks[n] for n in tensors} if applied is None else applied
 
 
 def _refuse(names: Sequence[str], plans: Mapping[str, _Plan], table: Tensor, comm_rank: int, layouts: Callable[[str], TensorLayout]) -> None:
