@@ -36,7 +36,10 @@ class Communicator(Protocol):
 
 
 class TorchCommunicator:
-    """:class:`Communicator` over ``torch.distributed`` (a process group, the default one if none)."""
+    """:class:`Communicator` over ``torch.distributed`` (a process group, the default one if none).
+
+    The engine reduces small CPU tensors (counts, samples, histograms); a backend that only
+    takes accelerator tensors (NCCL) gets them moved to the current device and back."""
 
     _OPS = {"sum": "SUM", "min": "MIN", "max": "MAX"}
 
@@ -46,19 +49,30 @@ class TorchCommunicator:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        backend = str(dist.get_backend(group)).lower()
+        self.device: torch.device | None = None
+        if "nccl" in backend and torch.cuda.is_available():
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def _to_backend(self, tensor: Tensor) -> Tensor:
+        return tensor if self.device is None or tensor.device == self.device else tensor.to(self.device)
 
     def all_reduce(self, tensor: Tensor, op: ReduceOp = "sum") -> Tensor:
         import torch.distributed as dist
 
-        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, self._OPS[op]), group=self.group)
+        moved = self._to_backend(tensor)
+        dist.all_reduce(moved, op=getattr(dist.ReduceOp, self._OPS[op]), group=self.group)
+        if moved is not tensor:
+            tensor.copy_(moved)
         return tensor
 
     def all_gather(self, tensor: Tensor) -> list[Tensor]:
         import torch.distributed as dist
 
-        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(out, tensor.contiguous(), group=self.group)
-        return out
+        moved = self._to_backend(tensor.contiguous())
+        out = [torch.empty_like(moved) for _ in range(self.world_size)]
+        dist.all_gather(out, moved, group=self.group)
+        return [t.to(tensor.device) for t in out] if moved.device != tensor.device else out
 
 
 @dataclass(frozen=True)
