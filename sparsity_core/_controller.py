@@ -12,13 +12,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import _calibration
+from . import _calibration, _sharding
 from ._api import Args, create_scheduler, create_sparsifier
 from ._base import Scheduler, Sparsifier
 from ._bits import MaskView, PackedMask, packed_size
 from ._contract import MaskContext, Reconstruction, accepts_context
 from ._engine import apply_mask_, check_masks
-from ._report import SparsityReport
+from ._report import Row, SparsityReport
+from ._shards import Communicator, Shards
 from ._targets import select_tensors
 
 #: 3: masks saved packed (uint8, 1 bit per element, with their shapes); 1 and 2 (bool masks) still load.
@@ -84,22 +85,23 @@ def _check_tensor(name: str, tensor: torch.Tensor) -> None:
             f"covered tensor {name!r} is on the meta device (no values): materialise the model first, e.g. "
             f"model.to_empty(device='cpu') and load its weights"
         )
-    if type(tensor).__name__ == "DTensor" or hasattr(tensor, "_local_tensor"):
+    if not _sharding.is_dtensor(tensor) and hasattr(tensor, "_local_tensor"):
         raise ValueError(
-            f"covered tensor {name!r} is sharded ({type(tensor).__name__}, e.g. FSDP2's fully_shard): sharded "
-            f"parameters are not supported by this version yet; sparsify the full model before sharding it, or "
-            f"after gathering it"
+            f"covered tensor {name!r} is a {type(tensor).__name__}, a tensor subclass holding a local part: only "
+            f"torch.distributed.tensor.DTensor sharded by rows (FSDP2's fully_shard) is supported"
         )
     if getattr(tensor, "_is_flat_param", False) or getattr(tensor, "_fsdp_flattened", False):
         raise ValueError(
             f"covered tensor {name!r} is managed by FSDP1 (FullyShardedDataParallel): each rank holds a flat "
             f"fragment, and masks made from fragments would be wrong (per-fragment levels, N:M groups across "
-            f"rows); sparsify before wrapping the model (FSDP2, fully_shard, is the strategy planned)"
+            f"rows); use FSDP2 (torch.distributed.fsdp.fully_shard, Lightning's ModelParallelStrategy), which is "
+            f"supported, or sparsify before wrapping the model"
         )
     if hasattr(tensor, "ds_id") or hasattr(tensor, "ds_numel"):
         raise ValueError(
             f"covered tensor {name!r} is a DeepSpeed ZeRO partition: each rank holds a fragment, and masks made "
-            f"from fragments would be wrong; sparsify before deepspeed.initialize, or with ZeRO stage 0-2"
+            f"from fragments would be wrong; use FSDP2 (torch.distributed.fsdp.fully_shard, Lightning's "
+            f"ModelParallelStrategy), which is supported, or sparsify before deepspeed.initialize, or with ZeRO stage 0-2"
         )
     if not (tensor.is_floating_point() or tensor.is_complex()):
         raise ValueError(
@@ -175,6 +177,11 @@ class SparsityController:
     :attr:`masks` reads as a mapping of names to bool masks; they are stored packed
     (:class:`~sparsity_core._bits.PackedMask`, an eighth of a bool mask's bytes) and each read
     unpacks a fresh bool tensor. Assigning a mapping of bool masks to :attr:`masks` replaces them.
+
+    Parameters sharded by rows (FSDP2's ``fully_shard``: DTensors placed ``Shard(0)`` on a 1-D
+    mesh) are masked where each rank holds them: their masks are shaped like the local rows
+    (:meth:`local`), the sparsifier gets the local rows and ``context.shards``, and
+    :meth:`report` and :meth:`state_dict` reduce over the ranks (call them on every rank).
     """
 
     def __init__(
@@ -210,6 +217,24 @@ class SparsityController:
         selection = select_tensors(target, self.sparsifier)
         for name, tensor in selection.tensors.items():
             _check_tensor(name, tensor)
+        #: The covered tensors sharded by rows (FSDP2): where this rank's rows sit. Their masks
+        #: are shaped like the local rows (``tensor.to_local()``), not like the global tensor.
+        self.shards: dict[str, _sharding.Sharded] = {
+            n: _sharding.describe(n, t) for n, t in selection.tensors.items() if _sharding.is_dtensor(t)
+        }
+        #: The communicator of the ranks holding :attr:`shards` (None when nothing is sharded).
+        self.comm: Communicator | None = None
+        if self.shards:
+            if not caps.shard_safe:
+                name = next(iter(self.shards))
+                raise ValueError(
+                    f"sparsifier {self.sparsifier.name!r} does not declare capabilities.shard_safe, and covered "
+                    f"tensor {name!r} is sharded by rows (FSDP2): its masks would be made from each rank's rows "
+                    f"alone. Shard-safe sparsifiers score each element from itself or its row (magnitude, random); "
+                    f"calibrated ones (wanda, sparsegpt) need statistics made shard-aware first. Sparsify before "
+                    f"sharding, or exclude the sharded tensors"
+                )
+            self.comm = _sharding.communicator(f"sparsifier {self.sparsifier.name!r}", self.shards)
         names = list(selection.tensors)
         self.tensors: dict[str, torch.Tensor] = selection.tensors
         #: Each covered tensor's layer kind and orientation (empty for a mapping target).
@@ -232,6 +257,7 @@ class SparsityController:
         self._grad_hooked: set[int] = set()  # ids of the parameters whose gradients are masked
         self._optimizers: list[torch.optim.Optimizer] = []  # attached: their state follows the masks
         self._plan: tuple[dict[str, PackedMask], list[tuple[Any, Any]]] | None = None
+        self._plan_locals: dict[str, torch.Tensor] = {}  # the local tensors of sharded parameters the plan holds
         #: Zero the attached optimizers' state of pruned entries at each mask update. A caller
         #: that replaces the masks after an update (DDP: rank 0's masks on every rank) turns
         #: it off and calls :meth:`mask_optimizer_state` once the masks are final.
@@ -255,7 +281,7 @@ class SparsityController:
         for name, mask in masks.items():
             if not isinstance(mask, PackedMask):
                 mask = PackedMask.pack(mask)
-            if name not in self.tensors or mask.shape != self.tensors[name].shape:
+            if name not in self.tensors or mask.shape != self.local(name).shape:
                 raise ValueError(f"masks: {name!r} is not a covered tensor of shape {tuple(mask.shape)}")
             packed[name] = mask
         self._masks = packed
@@ -305,14 +331,16 @@ class SparsityController:
             return
         self._follow_live_parameters()
         chosen = list(self.tensors) if names is None else list(names)
-        tensors = {n: self.tensors[n] for n in chosen}
+        tensors = {n: self.local(n) for n in chosen}
         levels_now = {n: self.levels[n] for n in chosen}
         sparsifier = self.sparsifier
         caps = sparsifier.capabilities
+        sharded = {n: self.shards[n].shard for n in chosen if n in self.shards}
         context = MaskContext(
             # unpacked one tensor at a time, as the sparsifier reads them
             current=MaskView({n: self._masks[n] for n in chosen if n in self._masks}),
             layouts={n: self.layouts[n] for n in chosen if n in self.layouts},
+            shards=Shards(self.comm, sharded) if sharded and self.comm is not None else None,
         )
         fused = None if caps.reconstruction else _fused_masks(sparsifier)
         sink = _Sink(sparsifier.name, tensors, self._hold_masks)
@@ -393,7 +421,7 @@ class SparsityController:
         if unknown:
             raise ValueError(f"sparsifier {self.sparsifier.name!r} returned weights for names it does not cover: {sorted(unknown)}")
         for name, value in weights.items():
-            tensor = self.tensors[name]
+            tensor = self.local(name)
             if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
                 got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(
@@ -403,7 +431,7 @@ class SparsityController:
             if not torch.isfinite(value).all():
                 raise ValueError(f"sparsifier {self.sparsifier.name!r} returned non-finite weights for {name!r}")
         for name, value in weights.items():
-            self.tensors[name].detach().copy_(value)
+            self.local(name).detach().copy_(value)
 
     # -- masks -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -426,7 +454,7 @@ class SparsityController:
             return
         for name, mask in masks.items():
             if self._prunes(mask):
-                _apply(mask, self.tensors[name])
+                _apply(mask, self.local(name))
             if isinstance(mask, PackedMask):
                 self._note_masked(name, mask)
 
@@ -435,14 +463,14 @@ class SparsityController:
         tensors with a mask that prunes something; the small ones grouped by dtype and device
         into one foreach multiply each (with many small tensors, per-tensor calls are the cost)."""
         plan = self._plan
-        if plan is not None and plan[0] is self._masks:
+        if plan is not None and plan[0] is self._masks and self._locals_unchanged():
             return plan[1]
         steps: list[tuple[Any, Any]] = []
         groups: dict[tuple[torch.dtype, torch.device], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for name, mask in self._masks.items():
             if not mask.prunes():
                 continue
-            tensor = self.tensors[name]
+            tensor = self.local(name)
             if tensor.numel() <= SMALL_TENSOR:
                 # unpacked and kept for the plan: at most SMALL_TENSOR bytes each, and with many
                 # small tensors the per-tensor calls, not the bytes, are the cost
@@ -453,7 +481,19 @@ class SparsityController:
                 steps.append((tensor, self._for_steps(name, mask, tensor)))
         steps.extend(groups.values())
         self._plan = (self._masks, steps)
+        self._plan_locals = {n: self.local(n) for n in self.shards}
         return steps
+
+    def _locals_unchanged(self) -> bool:
+        """Whether every sharded parameter still holds the local tensor the plan was made with
+        (FSDP2 may give a parameter a new local tensor at its lazy initialisation)."""
+        return all(self.local(n) is t for n, t in self._plan_locals.items())
+
+    def local(self, name: str) -> torch.Tensor:
+        """The covered tensor ``name`` as this rank holds it: the local rows of a sharded
+        (FSDP2) parameter, a view of its storage, else the tensor itself. Masks are shaped like it."""
+        tensor = self.tensors[name]
+        return _sharding.local(tensor) if name in self.shards else tensor
 
     def _for_steps(self, name: str, mask: PackedMask, tensor: torch.Tensor) -> PackedMask | torch.Tensor:
         """The mask to apply to ``tensor`` at each step: its unpacked copy while an optimizer is
@@ -474,7 +514,7 @@ class SparsityController:
     def _note_masked(self, name: str, mask: PackedMask) -> None:
         if not self._hold_masks:
             return  # a one-shot prune keeps no mask, and nothing to trust
-        tensor = self.tensors[name]
+        tensor = self.local(name)
         self._masked[name] = (mask, tensor._version, tensor.data_ptr())
 
     def _is_masked(self, name: str, mask: PackedMask) -> bool:
@@ -484,7 +524,7 @@ class SparsityController:
         version counter, such as a fused optimizer step, whose updates move every pruned weight
         with a gradient)."""
         noted = self._masked.get(name)
-        tensor = self.tensors[name]
+        tensor = self.local(name)
         return (
             noted is not None
             and noted[0] is mask
@@ -540,8 +580,14 @@ class SparsityController:
     def _upkeep_for(self, optimizer: torch.optim.Optimizer, upkeep: str) -> str:
         caps = self.sparsifier.capabilities
         if upkeep == "auto":
-            cheaper = type(optimizer) in AUTO_GRADIENTS and type(optimizer) in GRADIENT_UPKEEP
+            cheaper = type(optimizer) in AUTO_GRADIENTS and type(optimizer) in GRADIENT_UPKEEP and not self.shards
             return "gradients" if cheaper and not caps.gradients else "weights"
+        if upkeep == "gradients" and self.shards:
+            raise ValueError(
+                f"attach(upkeep='gradients') is not supported for sharded parameters (FSDP2 writes the reduced "
+                f"gradient of {next(iter(self.shards))!r} itself, past the hooks that would mask it); use "
+                f"upkeep='weights', which masks each rank's rows after every optimizer step"
+            )
         if upkeep == "gradients" and caps.gradients and caps.regrowth:
             raise ValueError(
                 f"attach(upkeep='gradients') masks the gradients of pruned weights, but sparsifier "
@@ -568,7 +614,10 @@ class SparsityController:
         grad = param.grad
         if mask is not None and grad is not None and mask.prunes():
             with torch.no_grad():
-                if grad.layout is torch.strided:
+                if name in self.shards:
+                    local = _sharding.local(grad)
+                    _apply(self._for_steps(name, mask, local), local)
+                elif grad.layout is torch.strided:
                     _apply(self._for_steps(name, mask, grad), grad)
                 else:  # a sparse gradient (nn.Embedding(sparse=True)) stays sparse
                     param.grad = grad * mask.to_bool().to(grad.device)
@@ -593,6 +642,8 @@ class SparsityController:
         for name, param in live.items():
             grad = param.grad
             if grad is not None and name in self.tensors:
+                if name in self.shards:  # the sparsifier sees what compute_masks sees: this rank's rows
+                    param, grad = _sharding.local(param), _sharding.local(grad)
                 self.sparsifier.observe_gradient(name, param, grad)
                 handed += 1
         return handed
@@ -622,7 +673,7 @@ class SparsityController:
         with torch.no_grad():
             for name, mask in self._masks.items():
                 if not (trust_masked and self._is_masked(name, mask)):
-                    mask.apply_(self.tensors[name])
+                    mask.apply_(self.local(name))
         self._mask_optimizer_state(self._masks)
         self._masks = {}
         self._masked = {}
@@ -650,6 +701,7 @@ class SparsityController:
                 if mask is None:
                     continue
                 for value in state.values():
+                    value = _sharding.local(value)  # FSDP2: the state of a sharded parameter is sharded like it
                     if isinstance(value, torch.Tensor) and value.shape == mask.shape:
                         _apply(mask, value)
 
@@ -662,11 +714,15 @@ class SparsityController:
             old = self.tensors[name]
             if live is old or not isinstance(live, torch.Tensor):
                 continue
+            if name in self.shards and not _sharding.is_dtensor(live):
+                continue  # FSDP2's gathered parameter, registered during forward and backward only
             if live.shape != old.shape:
                 raise ValueError(
                     f"covered parameter {name!r} was replaced by a tensor of shape {tuple(live.shape)} "
                     f"(was {tuple(old.shape)}): its mask no longer fits; build a new controller for the new model"
                 )
+            if name in self.shards:
+                self.shards[name] = _sharding.describe(name, live)
             self.tensors[name] = live
             self._masked.pop(name, None)
             self._plan = None
@@ -718,8 +774,9 @@ class SparsityController:
 
     # -- lottery-ticket rewinding ------------------------------------------------------------
     def snapshot(self) -> dict[str, torch.Tensor]:
-        """A copy of every covered tensor (to rewind to later, see :meth:`rewind`)."""
-        return {n: t.detach().clone() for n, t in self.tensors.items()}
+        """A copy of every covered tensor (to rewind to later, see :meth:`rewind`); of a sharded
+        one, this rank's rows."""
+        return {n: self.local(n).detach().clone() for n in self.tensors}
 
     @torch.no_grad()
     def rewind(self, weights: Mapping[str, torch.Tensor]) -> None:
@@ -728,7 +785,7 @@ class SparsityController:
         for name, value in weights.items():
             if name not in self.tensors:
                 raise KeyError(f"rewind: {name!r} is not a covered tensor")
-            tensor = self.tensors[name]
+            tensor = self.local(name)
             if value.shape != tensor.shape:
                 raise ValueError(f"rewind: saved weights of {name!r} are shaped {tuple(value.shape)}, the tensor {tuple(tensor.shape)}")
             tensor.detach().copy_(value)
@@ -736,9 +793,28 @@ class SparsityController:
 
     # -- reporting and state -----------------------------------------------------------------
     def report(self) -> SparsityReport:
-        """Per-tensor and overall sparsity, counted from the live tensors (a tied tensor once, with its aliases)."""
+        """Per-tensor and overall sparsity, counted from the live tensors (a tied tensor once, with
+        its aliases). With sharded tensors every rank's zeros are summed (one all-reduce: call it
+        on every rank), so every rank reports the global figures."""
         self._follow_live_parameters()
-        return SparsityReport.measure(self.tensors, self.aliases)
+        local = SparsityReport.measure({n: self.local(n) for n in self.tensors}, self.aliases)
+        if self.comm is None:
+            return local
+        names = list(self.shards)
+        zeros = torch.tensor([local.row(n).zeros for n in names], dtype=torch.int64, device=self._comm_device())
+        zeros = self.comm.all_reduce(zeros, "sum").tolist()
+        summed = dict(zip(names, zeros))
+        rows = []
+        for row in local.rows:
+            if row.name in summed:
+                shape = tuple(self.tensors[row.name].shape)
+                row = Row(row.name, shape, self.tensors[row.name].numel(), int(summed[row.name]), row.aliases)
+            rows.append(row)
+        return SparsityReport(rows)
+
+    def _comm_device(self) -> torch.device:
+        """Where collectives' buffers live: the sharded parameters' device (NCCL needs CUDA tensors)."""
+        return self.local(next(iter(self.shards))).device
 
     def fingerprint(self) -> dict[str, Any]:
         """What the masks were made with, besides the level: the sparsifier, its selection fields
@@ -750,7 +826,17 @@ class SparsityController:
     def state_dict(self) -> dict[str, Any]:
         """Masks (packed: a flat uint8 tensor per mask, bit ``i % 8`` of byte ``i // 8`` keeping
         element ``i`` in C order, and its shape), schedule position, each mask's pruned count and
-        the configuration's fingerprint; loads with ``torch.load(weights_only=True)``."""
+        the configuration's fingerprint; loads with ``torch.load(weights_only=True)``.
+
+        Masks are whole: those of sharded tensors are gathered from every rank (one all-gather of
+        their packed bits; call it on every rank), so the state of any one rank restores every rank,
+        under any row split (Lightning saves callback state from rank 0 only)."""
+        masks = dict(self._masks)
+        sharded = [n for n in masks if n in self.shards]
+        if sharded and self.comm is not None:
+            local = [(masks[n].to_bool(), self.shards[n]) for n in sharded]
+            whole = _sharding.gather_rows(self.comm, local, self._comm_device())
+            masks.update((n, PackedMask.pack(w)) for n, w in zip(sharded, whole))
         return {
             "version": STATE_VERSION,
             "sparsifier": self.sparsifier.name,
@@ -758,9 +844,9 @@ class SparsityController:
             "levels": dict(self.levels),
             # the packed masks themselves, not copies: a checkpoint is written at once, and masks
             # are replaced, never changed in place
-            "masks": {n: m.data for n, m in self._masks.items()},
-            "shapes": {n: list(m.shape) for n, m in self._masks.items()},
-            "pruned": {n: m.pruned() for n, m in self._masks.items()},
+            "masks": {n: m.data for n, m in masks.items()},
+            "shapes": {n: list(m.shape) for n, m in masks.items()},
+            "pruned": {n: m.pruned() for n, m in masks.items()},
             "fingerprint": self.fingerprint(),
             # what a stateful sparsifier accumulated (movement scores, say), when it offers it
             **({"sparsifier_state": self.sparsifier.state_dict()} if callable(getattr(self.sparsifier, "state_dict", None)) else {}),
@@ -843,7 +929,9 @@ class SparsityController:
                     f"{where}: mask of {name!r} prunes {packed.pruned()} elements, but {int(pruned[name])} were pruned "
                     f"when it was saved (level {levels[name]:g}): the mask is damaged"
                 )
-            masks[name] = packed.to(tensor.device)
+            if name in self.shards:  # a whole mask: this rank's rows of it
+                packed = _sharding.rows_of_packed(packed, self.shards[name])
+            masks[name] = packed.to(self.local(name).device)
         return {"t": None if t is None else float(t), "levels": levels, "masks": masks}
 
     @staticmethod

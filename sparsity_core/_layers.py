@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -120,10 +121,12 @@ class TensorLayout:
             return t.reshape(1, -1)
         perm = self.permutation(t.dim())
         moved = t.permute(perm) if perm != tuple(range(t.dim())) else t
+        # the width spelt out, not -1: a rank's shard of FSDP2 rows may hold no rows at all
+        width = math.prod(moved.shape[1:])
         try:
-            return moved.view(moved.shape[0], -1)
+            return moved.view(moved.shape[0], width)
         except RuntimeError:  # not expressible as a view: a copy (only for odd layouts)
-            return moved.reshape(moved.shape[0], -1)
+            return moved.reshape(moved.shape[0], width)
 
     def from_matrix(self, m: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         """Inverse of :meth:`matrix`: a tensor shaped ``shape`` (contiguous) from its matrix view."""

@@ -80,7 +80,9 @@ def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
     if isinstance(t, nn.parameter.UninitializedTensorMixin):
         return ("object", id(t))
     try:
-        if t.device.type != "meta" and t.numel() > 0 and t.layout == torch.strided:
+        # a wrapper subclass (DTensor) answers data_ptr() with 0: two such tensors of one shape
+        # are not one tensor (FSDP2's same-shaped layers would be taken as tied)
+        if t.device.type != "meta" and t.numel() > 0 and t.layout == torch.strided and t.data_ptr() != 0:
             return ("memory", t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
     except (RuntimeError, NotImplementedError, ValueError):
         pass

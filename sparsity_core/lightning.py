@@ -149,21 +149,28 @@ def _in_place_of(pl_module: pl.LightningModule, submodule: str | None, network: 
         setattr(parent, attr, original)
 
 
+def _unsharded_masks(controller: SparsityController) -> list[str]:
+    """The masked tensors every rank holds whole. A sharded (FSDP2) tensor's mask is this rank's
+    rows, made exact across the ranks by the selection itself: nothing to broadcast."""
+    return [n for n in controller.masks if n not in controller.shards]
+
+
 def _sync_masks(trainer: pl.Trainer, controller: SparsityController) -> None:
     """Make every rank hold rank 0's masks (and, if any rank disagreed, rank 0's covered tensors;
-    always rank 0's covered tensors for a sparsifier that reconstructs weights).
+    always rank 0's covered tensors for a sparsifier that reconstructs weights). Sharded tensors
+    are left out: each rank holds different rows (see :func:`_unsharded_masks`).
 
     Under DDP the weights agree on every rank, so deterministic sparsifiers agree too and this is
     one small broadcast; it guards against sparsifiers that are not bit-reproducible.
     """
-    if trainer.world_size <= 1 or not controller.masks:
+    names = _unsharded_masks(controller)
+    if trainer.world_size <= 1 or not names:
         return
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return
     device = trainer.strategy.root_device if dist.get_backend() == "nccl" else torch.device("cpu")
-    names = list(controller.masks)
     local = torch.cat([controller.masks[n].reshape(-1) for n in names]).to(device=device, dtype=torch.uint8)
     synced = local.clone()
     dist.broadcast(synced, src=0)
@@ -181,8 +188,20 @@ def _sync_masks(trainer: pl.Trainer, controller: SparsityController) -> None:
         dist.broadcast(buffer, src=0)
         with torch.no_grad():
             tensor.copy_(buffer)
-    controller.masks = masks  # replaced, never changed in place (state_dict shares the tensors)
+    controller.masks = {**controller.masks, **masks}  # replaced, never changed in place (state_dict shares them)
     controller.apply_masks()
+
+
+def _refuse_sharded(network: nn.Module, who: str, what: str) -> None:
+    """``what`` (a feature) does not work on sharded (FSDP2) parameters: a ValueError naming one."""
+    from ._sharding import is_dtensor
+
+    name = next((n for n, p in network.named_parameters() if is_dtensor(p)), None)
+    if name is not None:
+        raise ValueError(
+            f"{who}: {what} is not supported with sharded parameters (FSDP2, ModelParallelStrategy; e.g. "
+            f"{name!r}); sparsify the model being trained (inplace=True, no rewind_to)"
+        )
 
 
 class _SparsityCallback(Callback):
@@ -415,8 +434,12 @@ class PostTrainingSparsity(_SparsityCallback):
         self.inplace = inplace
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Fail before training on what only the model can tell (a sequential pattern that names no block).
-        self._check_network(_network(pl_module, self.submodule, type(self).__name__))
+        # Fail before training on what only the model can tell (a sequential pattern that names no
+        # block, a copy of sharded parameters).
+        network = _network(pl_module, self.submodule, type(self).__name__)
+        self._check_network(network)
+        if not self.inplace:
+            _refuse_sharded(network, type(self).__name__, "inplace=False (a copy of the network)")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         network = _network(pl_module, self.submodule, type(self).__name__)
@@ -559,6 +582,11 @@ class TrainingAwareSparsity(_SparsityCallback):
         self._bind_names(pl_module, network)
         self._pl_module = pl_module
         self._check_network(network)
+        if not self.inplace:
+            _refuse_sharded(network, type(self).__name__, "inplace=False (a copy of the network)")
+        if self.rewind_to is not None:
+            # the weights to rewind to would be each rank's rows, and a checkpoint keeps rank 0's
+            _refuse_sharded(network, type(self).__name__, "rewind_to")
         if self.inplace:
             if self.controller is None or not self._same_parameters(network):
                 self.controller = self._controller(network, self._scheduler())

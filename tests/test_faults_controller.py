@@ -191,19 +191,20 @@ def test_tensors_no_mask_can_be_made_for_are_refused_with_what_to_do(make: Any, 
         sc.SparsityController(make(), "magnitude", {"sparsity_level": 0.5})
 
 
-def test_a_dtensor_is_refused_naming_the_tensor() -> None:
+def test_a_replicated_dtensor_is_refused_naming_the_tensor_and_the_rule() -> None:
+    # rows split by FSDP2 (Shard(0)) are supported: tests/test_sharded.py
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, distribute_tensor
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialised")
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29581", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        sharded = distribute_tensor(torch.randn(8, 8), mesh, [Shard(0)])
-        with pytest.raises(ValueError, match=r"'w' is sharded \(DTensor, e.g. FSDP2's fully_shard\)"):
-            sc.SparsityController({"w": sharded}, "magnitude", {"sparsity_level": 0.5})
+        replicated = distribute_tensor(torch.randn(8, 8), mesh, [Replicate()])
+        with pytest.raises(ValueError, match=r"'w' is a DTensor with placements \(Replicate\(\),\).*only rows split"):
+            sc.SparsityController({"w": replicated}, "magnitude", {"sparsity_level": 0.5})
     finally:
         dist.destroy_process_group()
 

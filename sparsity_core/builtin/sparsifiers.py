@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import zlib
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
 from .._base import ScoreSparsifier, Sparsifier
+from .._contract import Capabilities, MaskContext
 from .._specs import ScoreSpec, SparsifierSpec
 
 if TYPE_CHECKING:
     import torch
+
+    from .._shards import Shard
 
 
 class Magnitude(ScoreSparsifier):
@@ -20,6 +25,8 @@ class Magnitude(ScoreSparsifier):
 
     name = "magnitude"
     elementwise = True
+    # |w| depends on the element alone: on row shards the engine's selection makes the masks exact
+    capabilities = Capabilities(shard_safe=True)
 
     def score(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.abs()
@@ -31,20 +38,120 @@ class RandomSpec(ScoreSpec):
     )
 
 
+#: Elements hashed at a time by :func:`uniform_at` (its int64 temporaries stay cache-sized).
+_HASH_PIECE = 1 << 18
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for int64 ``x < 2**32``, in halves so that no product overflows int64."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash with full avalanche (Wellons' "lowbias32"), on int64 tensors < 2**32."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform_at(key: int, start: int, n: int, device: torch.device | None = None) -> torch.Tensor:
+    """Float32 draws in [0, 1) for flat indices ``start .. start + n`` of a stream fixed by ``key``
+    (32 bits): each draw depends on its index alone, so any slice of a tensor (a rank's rows under
+    FSDP2) gets exactly its part of the whole tensor's draws, on any device."""
+    import torch
+
+    from .._engine.kernels import _numpy_kernels
+
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    if _numpy_kernels(out):
+        _uniform_numpy(key, start, out.numpy())
+        return out
+    for at in range(0, n, _HASH_PIECE):
+        index = torch.arange(start + at, start + min(n, at + _HASH_PIECE), dtype=torch.int64, device=device)
+        high = _mix32((index >> 32) ^ (key & 0xFFFFFFFF))  # indices past 2**32 take another stream
+        bits = _mix32((index & 0xFFFFFFFF) ^ high)
+        out[at : at + index.numel()] = (bits >> 8).to(torch.float32) * 2.0**-24  # 24 bits: exact in float32
+    return out
+
+
+def _uniform_numpy(key: int, start: int, out: Any) -> None:
+    """:func:`uniform_at` into a float32 NumPy array: the same function in uint32 arithmetic,
+    whose multiplications wrap mod 2**32 by themselves (several times faster than int64 halves)."""
+    import numpy as np
+
+    c1, c2 = np.uint32(0x7FEB352D), np.uint32(0x846CA68B)
+
+    def mix(x: Any) -> None:
+        np.bitwise_xor(x, x >> np.uint32(16), out=x)
+        np.multiply(x, c1, out=x)
+        np.bitwise_xor(x, x >> np.uint32(15), out=x)
+        np.multiply(x, c2, out=x)
+        np.bitwise_xor(x, x >> np.uint32(16), out=x)
+
+    x = np.empty(min(out.size, _HASH_PIECE), dtype=np.uint32)
+    for at in range(0, out.size, _HASH_PIECE):
+        first, count = start + at, min(out.size - at, _HASH_PIECE)
+        piece = x[:count]
+        # pieces never straddle 2**32: split them where the high half of the index changes
+        split = min(count, (1 << 32) - (first & 0xFFFFFFFF))
+        for lo, hi_index, m in ((0, first, split), (split, first + split, count - split)):
+            if m <= 0:
+                continue
+            high = np.array([((hi_index >> 32) ^ key) & 0xFFFFFFFF], dtype=np.uint32)
+            mix(high)
+            seg = piece[lo : lo + m]
+            seg[:] = np.arange(hi_index & 0xFFFFFFFF, (hi_index & 0xFFFFFFFF) + m, dtype=np.uint64).astype(np.uint32)
+            np.bitwise_xor(seg, high[0], out=seg)
+            mix(seg)
+        np.multiply((piece >> np.uint32(8)).astype(np.float32), np.float32(2.0**-24), out=out[at : at + count])
+
+
 class Random(ScoreSparsifier):
-    """Prune at random: masks depend only on the seed, the tensor's name and its shape (same on every rank)."""
+    """Prune at random: masks depend only on the seed, the tensor's name and its shape (same on every rank, and the same on row shards as on the whole tensor)."""
 
     name = "random"
     Spec = RandomSpec
     spec: RandomSpec
+    capabilities = Capabilities(shard_safe=True)
 
     def score(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        import torch
-
         # crc32, not hash(): Python salts str hashes per process, and every DDP rank must agree.
-        # (The CPU generator keeps only 32 bits of its seed, so seed and name are hashed together.)
-        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.spec.seed}\0{name}".encode()))
-        return torch.rand(tensor.shape, generator=generator).to(tensor.device)
+        key = zlib.crc32(f"{self.spec.seed}\0{name}".encode())
+        shard = self._shards.get(name)
+        start = 0 if shard is None else shard.offset * math.prod(shard.global_shape[1:])
+        return uniform_at(key, start, tensor.numel(), tensor.device).view(tensor.shape)
+
+    @property
+    def _shards(self) -> Mapping[str, Shard]:
+        return self.__dict__.get("_shards_now", {})
+
+    @contextlib.contextmanager
+    def _rows_of(self, context: MaskContext | None) -> Iterator[None]:
+        """While masks are made: where each sharded tensor's rows start, so that :meth:`score`
+        draws them by their global index."""
+        self.__dict__["_shards_now"] = {} if context is None or context.shards is None else context.shards.tensors
+        try:
+            yield
+        finally:
+            self.__dict__.pop("_shards_now", None)
+
+    def compute_masks(
+        self, tensors: Mapping[str, torch.Tensor], levels: Mapping[str, float], context: MaskContext | None = None
+    ) -> dict[str, torch.Tensor]:
+        with self._rows_of(context):
+            return super().compute_masks(tensors, levels, context)
+
+    def masks_applied(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        levels: Mapping[str, float],
+        applied: dict[str, torch.Tensor] | None,
+        context: MaskContext | None = None,
+    ) -> dict[str, torch.Tensor]:
+        with self._rows_of(context):
+            return super().masks_applied(tensors, levels, applied, context)
 
 
 class DataNormSpec(SparsifierSpec):
