@@ -372,14 +372,7 @@ def test_the_callbacks_refuse_a_copy_or_rewinding_of_sharded_parameters(mesh: An
         post.on_fit_start(None, Module())  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        pytest.param({}, marks=pytest.mark.xfail(strict=False, reason="needs distributed selection (issue 11 point 2)")),
-        pytest.param({"scope": "global"}, marks=pytest.mark.xfail(strict=False, reason="needs distributed selection (issue 11 point 2)")),
-        {"pattern": "2:4"},  # N:M along rows: exact from each rank's rows alone
-    ],
-)
+@pytest.mark.parametrize("args", [{}, {"scope": "global"}, {"pattern": "2:4"}])
 def test_random_masks_on_simulated_ranks_are_the_whole_tensors_rows(args: dict[str, Any]) -> None:
     from sparsity_core._contract import MaskContext
     from sparsity_core._shards import Shards

@@ -15,7 +15,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-NEEDS_SELECTION = pytest.mark.xfail(strict=False, reason="needs distributed selection (issue 11 point 2)")
 
 
 def launch(script: str, out: Path, timeout: float = 300) -> list[dict[str, Any]]:
@@ -49,10 +48,11 @@ def passed(ranks: list[dict[str, Any]], check: str) -> None:
         "sparsify",  # one shot: squashed into each rank's rows, the report global
         "state",  # the state gathers whole masks; rank 0's restores every rank
         "fsdp1_refused",  # FullyShardedDataParallel(use_orig_params=True) runs on CPU and is refused
-        pytest.param("unstructured_layer", marks=NEEDS_SELECTION),
-        pytest.param("unstructured_global", marks=NEEDS_SELECTION),
-        pytest.param("channel", marks=NEEDS_SELECTION),
-        pytest.param("random_layer", marks=NEEDS_SELECTION),
+        # one threshold over the ranks (the engine's distributed selection, issue 11 point 2)
+        "unstructured_layer",
+        "unstructured_global",
+        "channel",
+        "random_layer",
     ],
 )
 def test_raw_fsdp2_masks_equal_one_process_on_the_gathered_weights(raw: list[dict[str, Any]], check: str) -> None:
@@ -87,7 +87,6 @@ def test_lightning_model_parallel_fit_masks_local_rows_and_resumes_exactly(fit: 
     assert fit[0]["uninterrupted"]["weights"] == fit[1]["uninterrupted"]["weights"]
 
 
-@NEEDS_SELECTION
 def test_lightning_model_parallel_unstructured_level_is_exact_over_the_shards(fit: list[dict[str, Any]]) -> None:
     # 7 x 12 at 0.6: round(50.4) = 50 pruned; rounding each rank's rows alone gives 29 + 22 = 51
     assert [r["uninterrupted"]["unstructured_pruned"] for r in fit] == [50, 50]
