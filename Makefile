@@ -35,6 +35,7 @@ bench: install
 	$(PY) benchmarks/imports.py
 	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/masks.py
+	$(PY) benchmarks/distributed.py
 	$(PY) benchmarks/callbacks.py
 	$(PY) benchmarks/sequential.py
 	$(PY) benchmarks/small_tensors.py
