@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .._bounds import select_bounded
-from . import kernels
+from . import kernels, magnitude
 from .kernels import _all_finite, _count, apply_mask_, Tensor
 from .units import _Blocks, _Elements, _Units, Scorer
 from .selection import select
@@ -85,6 +85,13 @@ def score_masks(
             elif pattern.kind == "unstructured" and tensor.numel() <= kernels.SMALL:
                 small.append((name, max(level * tensor.numel(), pruned_now(name))))
             else:
+                if apply and pattern.kind == "unstructured" and magnitude.eligible(sparsifier, tensor):
+                    fast = magnitude.select_group(
+                        sparsifier, [name], [tensor], [current.get(name)], max(level * tensor.numel(), pruned_now(name)), apply
+                    )
+                    if fast is not None:
+                        done(name, fast[0], fused=True)
+                        continue
                 units = _units(scorer(name), pattern)
                 select([units], max(level * tensor.numel(), pruned_now(name, units)))
                 done(name, units.element_mask())
@@ -99,8 +106,18 @@ def score_masks(
                 _mask_many([tensors[n] for n, _ in small], small_masks)
                 applied.update((n, m) for (n, _), m in zip(small, small_masks))
         for names in groups.values():
-            group = [_units(scorer(n), sparsifier.spec_for(n).parsed_pattern) for n in names]  # type: ignore[attr-defined]
             target = sum(levels[n] * tensors[n].numel() for n in names)
+            spec = sparsifier.spec_for(names[0])
+            if apply and spec.parsed_pattern.kind == "unstructured" and all(magnitude.eligible(sparsifier, tensors[n]) for n in names):  # type: ignore[attr-defined]
+                floors = [int(pruned_now(n)) for n in names]
+                fast = magnitude.select_group(
+                    sparsifier, names, [tensors[n] for n in names], [current.get(n) for n in names], max(target, sum(floors)), apply, spec, floors
+                )
+                if fast is not None:
+                    for n, mask in zip(names, fast):
+                        done(n, mask, fused=True)
+                    continue
+            group = [_units(scorer(n), sparsifier.spec_for(n).parsed_pattern) for n in names]  # type: ignore[attr-defined]
             floors = [int(pruned_now(n, u)) for n, u in zip(names, group)]  # per-tensor bounds (no layer emptied): _bounds.py
             select_bounded(group, max(target, sum(floors)), sparsifier.spec_for(names[0]), floors)
             for n, units in zip(names, group):

@@ -20,6 +20,7 @@ class Magnitude(ScoreSparsifier):
 
     name = "magnitude"
     elementwise = True
+    ranks_like_magnitude = True
 
     def score(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.abs()

@@ -1,0 +1,339 @@
+"""Magnitude selection on the weights' own bits: exact, no float scores, in fp32, bf16 and fp16.
+
+For a sparsifier whose score ranks exactly like ``|w|`` (it declares
+``ScoreSparsifier.ranks_like_magnitude``), the order of the scores is the order of each weight's
+bit pattern with the sign cleared, read as an unsigned integer (IEEE floats store exponent, then
+mantissa): a *key*. ``-0.0`` and ``0.0`` are both key 0, as ``|-0.0| == 0.0``; NaN and inf are the
+keys at or above the all-ones exponent. So the selection runs on integer views of the weights
+themselves (bf16 included, which NumPy cannot read as floats) and never makes a float32 score:
+the general path's score, finiteness check and compare passes become two passes over the bits.
+
+How, for one group (a tensor in layer scope, every tensor of a global group):
+
+1. *Bracket*: keys at :data:`~.kernels.SAMPLE` stratified positions, sorted, bracket the cut
+   ``[lo, hi]`` at ``Z`` standard errors of the sampled quantile (as :mod:`.selection` does).
+2. *Census* (reads every weight once): per tensor, how many keys are below ``lo``, and the keys
+   inside the bracket (about 1 % of them); any key of NaN or inf is refused here, before anything
+   is written.
+3. *Cut*, on those counts alone (a global group's per-tensor bounds included, the same rounds as
+   :func:`~sparsity_core._bounds.select_bounded`): per tensor a key ``T`` and how many elements of
+   key ``T`` it prunes; those are its earliest ones (ties by position, tensor order first).
+4. *Apply* (reads and writes every weight once): ``keep = key > T`` (``>= T`` once a tensor's
+   share of the ties is spent, counted chunk by chunk) goes into the mask, and the weights are
+   multiplied by it in the same pass while the chunk is in cache.
+
+Nothing is written before step 4, so when the bracket misses the cut (odds well under one in a
+million) or holds too many keys (a mass of ties, e.g. weights zeroed by an earlier mask) the
+general path runs instead, with the same result. The masks are those of the general path:
+``round(level * n)`` lowest keys pruned, earlier positions first on ties, currently pruned weights
+(nested masks) pruned first. The pruned weights are written as ``+0.0`` (an integer multiply; the
+general path's float multiply leaves ``-0.0`` for negative weights, which compares equal).
+
+Used where the masks are applied as they are chosen (the controller's step, one-shot
+``sparsify``: ``score_masks`` given ``applied``) on CPU with the NumPy kernels; ``compute_masks``
+alone keeps the general path, which stays the reference this one is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Final
+
+import numpy as np
+import torch
+
+from . import kernels
+from .kernels import Tensor, _numpy_kernels
+
+#: dtype -> (integer view, unsigned NumPy type, magnitude bits, first key of inf/NaN)
+_KEYS: Final = {
+    torch.float32: (torch.int32, np.uint32, 0x7FFFFFFF, 0x7F800000),
+    torch.bfloat16: (torch.int16, np.uint16, 0x7FFF, 0x7F80),
+    torch.float16: (torch.int16, np.uint16, 0x7FFF, 0x7C00),
+}
+
+
+def ranks_like_magnitude(sparsifier: object) -> bool:
+    """Whether ``sparsifier`` declares that its score ranks exactly like ``|w|``, for the ``score``
+    it runs: the declaration must come from the class that defines ``score`` or a subclass of it,
+    so that a subclass overriding ``score`` without declaring it again is never taken at its
+    parent's word."""
+    mro = type(sparsifier).__mro__
+    declared = next((i for i, c in enumerate(mro) if "ranks_like_magnitude" in vars(c)), None)
+    scored = next((i for i, c in enumerate(mro) if "score" in vars(c)), None)
+    if declared is None or scored is None or declared > scored:
+        return False
+    return bool(vars(mro[declared])["ranks_like_magnitude"])
+
+
+def eligible(sparsifier: object, tensor: Tensor) -> bool:
+    """Whether ``tensor``'s unstructured (or N:M) selection may run on its bits."""
+    return (
+        tensor.dtype in _KEYS
+        and _numpy_kernels(tensor)
+        and tensor.is_contiguous()
+        and tensor.numel() > 0
+        and ranks_like_magnitude(sparsifier)
+    )
+
+
+class _Bits:
+    """One tensor seen as keys: its integer view, its current keep mask (nested policy) if any."""
+
+    __slots__ = ("band", "below", "bits", "inf", "keep", "lo", "mag", "n", "name", "ukind")
+
+    def __init__(self, name: str, tensor: Tensor, keep: Tensor | None) -> None:
+        view, self.ukind, self.mag, self.inf = _KEYS[tensor.dtype]
+        self.name = name
+        self.bits = tensor.detach().view(view).numpy().reshape(-1)
+        self.n = self.bits.size
+        # nested: a currently pruned weight is key 0 and every other key moves up by one, so it
+        # is pruned first (the general path scores it -inf)
+        self.keep = None if keep is None or bool(keep.all()) else keep.reshape(-1).numpy()
+        self.below = 0  # keys below lo (the bracket's lower edge), after the census
+        self.lo = 0
+        self.band: np.ndarray = np.empty(0, self.ukind)
+
+    def keys(self, start: int, end: int, out: np.ndarray, check: bool = False, sparsifier: str = "") -> np.ndarray:
+        k = out[: end - start]
+        np.bitwise_and(self.bits[start:end].view(self.ukind), self.mag, out=k)
+        if check and k.size and int(k.max()) >= self.inf:
+            raise ValueError(
+                f"tensor {self.name!r} has NaN or inf values (or importance scores): cannot choose "
+                f"a mask for it; check the weights (sparsifier {sparsifier!r})"
+            )
+        if self.keep is not None:
+            k += 1
+            np.multiply(k, self.keep[start:end], out=k, casting="unsafe")
+        return k
+
+    def sample(self, index: np.ndarray) -> np.ndarray:
+        k = self.bits[index].view(self.ukind) & self.ukind(self.mag)
+        if self.keep is not None:
+            k = ((k + 1) * self.keep[index]).astype(self.ukind)
+        return k
+
+
+class _Cut:
+    """What one tensor prunes: keys below ``t``, and the first ``ties`` of its elements of key ``t``."""
+
+    __slots__ = ("t", "ties", "all_ties")
+
+    def __init__(self, t: int, ties: int, all_ties: int) -> None:
+        self.t, self.ties, self.all_ties = t, ties, all_ties
+
+    def pruned(self, bits: _Bits) -> int:
+        if self.t < 0:
+            return 0
+        if self.t > _maxkey(bits):
+            return bits.n
+        return bits.below + int(np.count_nonzero(bits.band < self.t)) + self.ties
+
+
+def _maxkey(bits: _Bits) -> int:
+    return bits.mag + (1 if bits.keep is not None else 0)
+
+
+class _Miss(Exception):
+    """The bracket does not hold the cut: the general path decides."""
+
+
+def _census(group: Sequence[_Bits], k: int, sparsifier: str) -> None:
+    """Steps 1 and 2 for the whole group (``k`` keys to prune overall): sets each ``below``,
+    ``lo`` and ``band``. Raises :class:`_Miss` when the bracket holds too many keys."""
+    total = sum(b.n for b in group)
+    # a sample of about one key in 1024 (at least 2**14): the bracket then holds 1-3 % of the
+    # keys; a larger one narrows it but costs a cache miss per key, as much as a pass at 16M
+    n_sample = min(kernels.SAMPLE, total, max(1 << 14, total >> 10))
+    stride = total / n_sample
+    index = (np.arange(n_sample) * stride + np.random.default_rng(0).random(n_sample) * stride).astype(np.int64)
+    np.minimum(index, total - 1, out=index)
+    edges = np.cumsum([0] + [b.n for b in group])
+    cuts = np.searchsorted(index, edges)
+    sample = np.concatenate([b.sample(index[cuts[i] : cuts[i + 1]] - edges[i]) for i, b in enumerate(group)])
+    sample.sort()
+    q = k / total
+    spread = kernels.Z * math.sqrt(n_sample * q * (1 - q))
+    lo_rank, hi_rank = math.floor(q * n_sample - spread) - 1, math.ceil(q * n_sample + spread) + 1
+    lo = int(sample[lo_rank]) if lo_rank >= 0 else 0
+    hi = int(sample[hi_rank]) if hi_rank < n_sample else max(_maxkey(b) for b in group)
+    cap = max(1 << 16, total // 8)
+    held = 0
+    chunk = min(kernels.CHUNK, _CHUNK)
+    for b in group:
+        size = min(chunk, b.n)
+        keys, under, band = np.empty(size, b.ukind), np.empty(size, bool), np.empty(size, bool)
+        below = 0
+        parts: list[np.ndarray] = []
+        for start in range(0, b.n, chunk):
+            end = min(b.n, start + chunk)
+            k_ = b.keys(start, end, keys, check=True, sparsifier=sparsifier)
+            u, s = under[: end - start], band[: end - start]
+            np.less(k_, lo, out=u)
+            below += int(np.count_nonzero(u))
+            np.less_equal(k_, hi, out=s)
+            np.logical_xor(s, u, out=s)  # lo <= key <= hi
+            part = k_[np.flatnonzero(s)]  # faster than k_[s] (measured), and ~2 % of the keys
+            held += part.size
+            parts.append(part)
+            if held > cap:
+                raise _Miss
+        b.below, b.lo = below, lo
+        b.band = np.concatenate(parts) if parts else np.empty(0, b.ukind)
+
+
+#: Elements per piece of the census and the apply pass: a few arrays of it stay in L2.
+_CHUNK: Final = 1 << 16
+
+
+def _decide(group: Sequence[_Bits], k: int) -> list[_Cut]:
+    """Step 3 for ``group``: prune its ``k`` lowest keys, ties by position (tensor order first)."""
+    total = sum(b.n for b in group)
+    k = min(max(k, 0), total)
+    if k == 0:
+        return [_Cut(-1, 0, 0) for _ in group]
+    if k == total:
+        return [_Cut(1 << 40, 0, 0) for _ in group]
+    below = sum(b.below for b in group)
+    band = np.concatenate([b.band for b in group]) if len(group) > 1 else group[0].band
+    if not below < k <= below + band.size:
+        if k == below:  # the cut is the bracket's lower edge: the keys below lo, no more
+            lo = group[0].lo
+            return [_Cut(lo, 0, int(np.count_nonzero(b.band == lo))) for b in group]
+        raise _Miss
+    r = k - below
+    t = int(np.partition(band, r - 1)[r - 1])
+    left = r - int(np.count_nonzero(band < t))  # ties of key t to prune, earliest first
+    cuts = []
+    for b in group:
+        ties = int(np.count_nonzero(b.band == t))
+        take = min(ties, left)
+        left -= take
+        cuts.append(_Cut(t, take, ties))
+    return cuts
+
+
+def _decide_bounded(group: Sequence[_Bits], target: float, spec: Any, floors: Sequence[int]) -> list[_Cut]:
+    """:func:`_decide` with each tensor's pruned count inside its bounds: the rounds of
+    :func:`~sparsity_core._bounds.select_bounded`, on counts."""
+    from .._bounds import bounds
+
+    numels = [b.n for b in group]
+    lo, hi = bounds(spec, numels, floors, target)
+    if all(l_ == 0 for l_ in lo) and all(h >= n for h, n in zip(hi, numels)):
+        return _decide(group, round(target))
+    target = min(max(target, float(sum(lo))), float(sum(hi)))
+    cuts: list[_Cut | None] = [None] * len(group)
+    active = list(range(len(group)))
+    while active:
+        chosen = _decide([group[i] for i in active], round(target))
+        for i, c in zip(active, chosen):
+            cuts[i] = c
+        counts = {i: c.pruned(group[i]) for i, c in zip(active, chosen)}
+        over = {i: counts[i] - hi[i] for i in active if counts[i] > hi[i]}
+        under = {i: lo[i] - counts[i] for i in active if counts[i] < lo[i]}
+        if not over and not under:
+            break
+        fix, bound = (over, hi) if sum(over.values()) >= sum(under.values()) else (under, lo)
+        for i in fix:
+            (c,) = _decide([group[i]], round(bound[i]))
+            cuts[i] = c
+            target -= c.pruned(group[i])
+        active = [i for i in active if i not in fix]
+        target = max(target, 0.0)
+    return [c for c in cuts if c is not None]
+
+
+def _apply(bits: _Bits, cut: _Cut, mask: np.ndarray, apply: bool) -> None:
+    """Step 4 for one tensor: the keep mask into ``mask`` (flat bool), and the weights multiplied
+    by it in the same pass when ``apply``."""
+    if cut.t < 0:
+        mask.fill(True)
+        return
+    if cut.t > _maxkey(bits):
+        mask.fill(False)
+        if apply:
+            bits.bits.fill(0)
+        return
+    chunk = min(kernels.CHUNK, _CHUNK)
+    keys = np.empty(min(chunk, bits.n), bits.ukind)
+    # keep > t while this tensor still prunes ties of key t, then keep >= t (i.e. > t - 1)
+    left = cut.ties if cut.ties < cut.all_ties else 0
+    t = cut.t if left or cut.ties == cut.all_ties else cut.t - 1
+    for start in range(0, bits.n, chunk):
+        end = min(bits.n, start + chunk)
+        k = bits.keys(start, end, keys)
+        m = mask[start:end]
+        np.greater(k, t, out=m)
+        if left:
+            tied = np.flatnonzero(k == cut.t)
+            if tied.size >= left:
+                m[tied[left:]] = True
+                left, t = 0, cut.t - 1
+            else:
+                left -= tied.size
+        if apply:
+            x = bits.bits[start:end]
+            np.multiply(x, m.view(np.uint8), out=x, casting="unsafe")
+
+
+def select_group(
+    sparsifier: Any,
+    names: Sequence[str],
+    tensors: Sequence[Tensor],
+    keeps: Sequence[Tensor | None],
+    target: float,
+    apply: bool,
+    spec: Any = None,
+    floors: Sequence[int] | None = None,
+) -> list[Tensor] | None:
+    """Keep masks for ``tensors`` (one layer-scope tensor, or a global group with ``spec`` and
+    ``floors`` for its per-tensor bounds) pruning ``target`` elements, the weights masked in the
+    same pass when ``apply``; None when the bracket misses (nothing was read into or written)."""
+    group = [_Bits(n, t, k) for n, t, k in zip(names, tensors, keeps)]
+    total = sum(b.n for b in group)
+    k = min(max(round(target), 0), total)
+    try:
+        if 0 < k < total:
+            _census(group, k, sparsifier.name)
+        else:  # nothing to bracket, but NaN and inf are refused as on the general path
+            _check(group, sparsifier.name)
+        if spec is None:
+            cuts = _decide(group, k)
+        else:
+            cuts = _decide_bounded(group, target, spec, floors or [0] * len(group))
+    except _Miss:
+        return None
+    out = []
+    for b, c, t in zip(group, cuts, tensors):
+        mask = torch.empty(t.shape, dtype=torch.bool)
+        _apply(b, c, mask.view(-1).numpy(), apply)
+        out.append(mask)
+    return out
+
+
+def _check(group: Sequence[_Bits], sparsifier: str) -> None:
+    for b in group:
+        keys = np.empty(min(kernels.CHUNK, b.n), b.ukind)
+        for start in range(0, b.n, kernels.CHUNK):
+            b.keys(start, min(b.n, start + kernels.CHUNK), keys, check=True, sparsifier=sparsifier)
+
+
+def nm_keep(name: str, tensor: Tensor, keep: Tensor | None, m: int, prune: int, mask: np.ndarray, apply: bool, sparsifier: str) -> None:
+    """N:M over flat runs of ``m`` (``m <= 8``): in each, keep all but the ``prune`` lowest keys
+    (ties: the earlier is pruned first) into ``mask`` (flat bool), the weights masked piece by
+    piece when ``apply``. The ranks of :func:`~.kernels.rank_keep`, on keys."""
+    from .kernels import _rank_keep_flat
+
+    bits = _Bits(name, tensor, keep)
+    step = max(m, kernels.CHUNK // m * m)
+    keys = np.empty(min(step, bits.n), bits.ukind)
+    for start in range(0, bits.n, step):
+        end = min(bits.n, start + step)
+        k = bits.keys(start, end, keys, check=True, sparsifier=sparsifier)
+        out = mask[start:end]
+        _rank_keep_flat(k, m, prune, out)
+        if apply:
+            x = bits.bits[start:end]
+            np.multiply(x, out.view(np.uint8), out=x, casting="unsafe")
