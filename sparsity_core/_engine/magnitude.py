@@ -81,7 +81,7 @@ def eligible(sparsifier: object, tensor: Tensor) -> bool:
 class _Bits:
     """One tensor seen as keys: its integer view, its current keep mask (nested policy) if any."""
 
-    __slots__ = ("band", "below", "bits", "inf", "keep", "lo", "mag", "n", "name", "ukind")
+    __slots__ = ("at_hi", "at_lo", "band", "below", "bits", "hi", "inf", "keep", "lo", "mag", "n", "name", "ukind")
 
     def __init__(self, name: str, tensor: Tensor, keep: Tensor | None) -> None:
         view, self.ukind, self.mag, self.inf = _KEYS[tensor.dtype]
@@ -91,9 +91,20 @@ class _Bits:
         # nested: a currently pruned weight is key 0 and every other key moves up by one, so it
         # is pruned first (the general path scores it -inf)
         self.keep = None if keep is None or bool(keep.all()) else keep.reshape(-1).numpy()
-        self.below = 0  # keys below lo (the bracket's lower edge), after the census
-        self.lo = 0
+        # after the census: the keys below the bracket [lo, hi] (a count), those inside it (the
+        # keys themselves, but a mass of ties at either edge only counted: at_lo, at_hi)
+        self.below = self.lo = self.hi = self.at_lo = self.at_hi = 0
         self.band: np.ndarray = np.empty(0, self.ukind)
+
+    def inside(self) -> int:
+        return self.at_lo + self.band.size + self.at_hi
+
+    def lt(self, t: int) -> int:
+        """Keys in the bracket below ``t``."""
+        return (self.at_lo if t > self.lo else 0) + int(np.count_nonzero(self.band < t)) + (self.at_hi if t > self.hi else 0)
+
+    def eq(self, t: int) -> int:
+        return (self.at_lo if t == self.lo else 0) + int(np.count_nonzero(self.band == t)) + (self.at_hi if t == self.hi else 0)
 
     def keys(self, start: int, end: int, out: np.ndarray, check: bool = False, sparsifier: str = "") -> np.ndarray:
         k = out[: end - start]
@@ -128,7 +139,7 @@ class _Cut:
             return 0
         if self.t > _maxkey(bits):
             return bits.n
-        return bits.below + int(np.count_nonzero(bits.band < self.t)) + self.ties
+        return bits.below + bits.lt(self.t) + self.ties
 
 
 def _maxkey(bits: _Bits) -> int:
@@ -158,28 +169,44 @@ def _census(group: Sequence[_Bits], k: int, sparsifier: str) -> None:
     lo_rank, hi_rank = math.floor(q * n_sample - spread) - 1, math.ceil(q * n_sample + spread) + 1
     lo = int(sample[lo_rank]) if lo_rank >= 0 else 0
     hi = int(sample[hi_rank]) if hi_rank < n_sample else max(_maxkey(b) for b in group)
+    # a mass of ties at an edge (zeros of an earlier mask, say) is counted, not gathered
+    mass = max(2.0, spread)
+    mass_lo = lo < hi and np.searchsorted(sample, lo, "right") - np.searchsorted(sample, lo, "left") > mass
+    mass_hi = lo < hi and np.searchsorted(sample, hi, "right") - np.searchsorted(sample, hi, "left") > mass
     cap = max(1 << 16, total // 8)
     held = 0
     chunk = min(kernels.CHUNK, _CHUNK)
     for b in group:
         size = min(chunk, b.n)
-        keys, under, band = np.empty(size, b.ukind), np.empty(size, bool), np.empty(size, bool)
-        below = 0
+        keys, under, upto, edge = np.empty(size, b.ukind), np.empty(size, bool), np.empty(size, bool), np.empty(size, bool)
+        below = at_lo = at_hi = 0
         parts: list[np.ndarray] = []
         for start in range(0, b.n, chunk):
             end = min(b.n, start + chunk)
             k_ = b.keys(start, end, keys, check=True, sparsifier=sparsifier)
-            u, s = under[: end - start], band[: end - start]
+            u, s, e = under[: end - start], upto[: end - start], edge[: end - start]
             np.less(k_, lo, out=u)
-            below += int(np.count_nonzero(u))
-            np.less_equal(k_, hi, out=s)
-            np.logical_xor(s, u, out=s)  # lo <= key <= hi
+            n_u = int(np.count_nonzero(u))
+            below += n_u
+            if lo == hi:  # the bracket is one key: count it
+                np.less_equal(k_, hi, out=s)
+                at_lo += int(np.count_nonzero(s)) - n_u
+                continue
+            np.less_equal(k_, hi - 1 if mass_hi else hi, out=s)
+            if mass_hi:
+                np.less_equal(k_, hi, out=e)
+                at_hi += int(np.count_nonzero(e)) - int(np.count_nonzero(s))
+            if mass_lo:
+                np.less_equal(k_, lo, out=e)
+                at_lo += int(np.count_nonzero(e)) - n_u
+                u = e
+            np.logical_xor(s, u, out=s)  # inside the bracket, edges counted apart
             part = k_[np.flatnonzero(s)]  # faster than k_[s] (measured), and ~2 % of the keys
             held += part.size
-            parts.append(part)
             if held > cap:
                 raise _Miss
-        b.below, b.lo = below, lo
+            parts.append(part)
+        b.below, b.lo, b.hi, b.at_lo, b.at_hi = below, lo, hi, at_lo, at_hi
         b.band = np.concatenate(parts) if parts else np.empty(0, b.ukind)
 
 
@@ -196,27 +223,35 @@ def _decide(group: Sequence[_Bits], k: int) -> list[_Cut]:
     if k == total:
         return [_Cut(1 << 40, 0, 0) for _ in group]
     below = sum(b.below for b in group)
-    band = np.concatenate([b.band for b in group]) if len(group) > 1 else group[0].band
-    if not below < k <= below + band.size:
+    if not below < k <= below + sum(b.inside() for b in group):
         if k == below:  # the cut is the bracket's lower edge: the keys below lo, no more
             lo = group[0].lo
-            return [_Cut(lo, 0, int(np.count_nonzero(b.band == lo))) for b in group]
+            return [_Cut(lo, 0, b.eq(lo)) for b in group]
         raise _Miss
     r = k - below
-    t = int(np.partition(band, r - 1)[r - 1])
-    left = r - int(np.count_nonzero(band < t))  # ties of key t to prune, earliest first
+    at_lo = sum(b.at_lo for b in group)
+    band = np.concatenate([b.band for b in group]) if len(group) > 1 else group[0].band
+    if r <= at_lo:
+        t = group[0].lo
+    elif r - at_lo <= band.size:
+        t = int(np.partition(band, r - at_lo - 1)[r - at_lo - 1])
+    else:
+        t = group[0].hi
+    left = r - sum(b.lt(t) for b in group)  # ties of key t to prune, earliest first
     cuts = []
     for b in group:
-        ties = int(np.count_nonzero(b.band == t))
+        ties = b.eq(t)
         take = min(ties, left)
         left -= take
         cuts.append(_Cut(t, take, ties))
     return cuts
 
 
-def _decide_bounded(group: Sequence[_Bits], target: float, spec: Any, floors: Sequence[int]) -> list[_Cut]:
+def _decide_bounded(group: Sequence[_Bits], target: float, spec: Any, floors: Sequence[int], sparsifier: str) -> list[_Cut]:
     """:func:`_decide` with each tensor's pruned count inside its bounds: the rounds of
-    :func:`~sparsity_core._bounds.select_bounded`, on counts."""
+    :func:`~sparsity_core._bounds.select_bounded`, on counts. A tensor fixed at a bound far from
+    the group's cut (a head of tiny weights held at its cap) gets a census of its own: one more
+    read of that tensor, not of the group."""
     from .._bounds import bounds
 
     numels = [b.n for b in group]
@@ -237,7 +272,11 @@ def _decide_bounded(group: Sequence[_Bits], target: float, spec: Any, floors: Se
             break
         fix, bound = (over, hi) if sum(over.values()) >= sum(under.values()) else (under, lo)
         for i in fix:
-            (c,) = _decide([group[i]], round(bound[i]))
+            try:
+                (c,) = _decide([group[i]], round(bound[i]))
+            except _Miss:  # its bound is far from the group's cut: a census of this tensor alone
+                _census([group[i]], round(bound[i]), sparsifier)
+                (c,) = _decide([group[i]], round(bound[i]))
             cuts[i] = c
             target -= c.pruned(group[i])
         active = [i for i in active if i not in fix]
@@ -302,7 +341,7 @@ def select_group(
         if spec is None:
             cuts = _decide(group, k)
         else:
-            cuts = _decide_bounded(group, target, spec, floors or [0] * len(group))
+            cuts = _decide_bounded(group, target, spec, floors or [0] * len(group), sparsifier.name)
     except _Miss:
         return None
     out = []
