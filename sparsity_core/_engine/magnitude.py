@@ -366,7 +366,7 @@ def nm_keep(name: str, tensor: Tensor, keep: Tensor | None, m: int, prune: int, 
     from .kernels import _rank_keep_flat
 
     bits = _Bits(name, tensor, keep)
-    step = max(m, kernels.CHUNK // m * m)
+    step = max(m, min(kernels.CHUNK, _CHUNK) // m * m)
     keys = np.empty(min(step, bits.n), bits.ukind)
     for start in range(0, bits.n, step):
         end = min(bits.n, start + step)
