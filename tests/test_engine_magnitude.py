@@ -199,6 +199,21 @@ def test_nested_masks_prune_the_current_ones_first(fast_calls, dtype, scope):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_a_global_group_where_only_some_tensors_have_a_current_mask(fast_calls, dtype):
+    """Keys of a nested group are moved up by one in every tensor alike, masked or not (a tensor
+    with no current mask, or one that prunes nothing, still ranks against the others by |w|)."""
+    tensors = weights(14, dtype)
+    g = torch.Generator().manual_seed(15)
+    current = {"fc.weight": torch.rand(300, 500, generator=g) > 0.5, "bias": torch.ones(77, dtype=torch.bool)}
+    sp = create_sparsifier("magnitude", {"sparsity_level": 0.6, "scope": "global", "include": ["*"]})
+    levels = sp.final_levels(tensors)
+    context = MaskContext(current=current)
+    masks, masked = fast(sp, tensors, levels, context)
+    assert fast_calls == [True]
+    assert_same(reference(sp, tensors, levels, context), masks, tensors, masked)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "bounds",
     [{}, {"max_level_per_tensor": 0.95}, {"min_level_per_tensor": 0.5}, {"min_level_per_tensor": 0.6, "max_level_per_tensor": 0.93}],

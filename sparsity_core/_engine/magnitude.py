@@ -10,28 +10,38 @@ the general path's score, finiteness check and compare passes become two passes 
 
 How, for one group (a tensor in layer scope, every tensor of a global group):
 
-1. *Bracket*: keys at :data:`~.kernels.SAMPLE` stratified positions, sorted, bracket the cut
-   ``[lo, hi]`` at ``Z`` standard errors of the sampled quantile (as :mod:`.selection` does).
-2. *Census* (reads every weight once): per tensor, how many keys are below ``lo``, and the keys
-   inside the bracket (about 1 % of them); any key of NaN or inf is refused here, before anything
-   is written.
-3. *Cut*, on those counts alone (a global group's per-tensor bounds included, the same rounds as
-   :func:`~sparsity_core._bounds.select_bounded`): per tensor a key ``T`` and how many elements of
-   key ``T`` it prunes; those are its earliest ones (ties by position, tensor order first).
-4. *Apply* (reads and writes every weight once): ``keep = key > T`` (``>= T`` once a tensor's
-   share of the ties is spent, counted chunk by chunk) goes into the mask, and the weights are
-   multiplied by it in the same pass while the chunk is in cache.
+1. *Bracket*: the keys at about one position in 1024 (stratified, a fixed seed; at least 2**14,
+   at most :data:`~.kernels.SAMPLE`), sorted, bracket the cut ``[lo, hi]`` at ``Z`` standard
+   errors of the sampled quantile, as :mod:`.selection` does.
+2. *Census* (reads every weight once, writes nothing): per tensor, how many keys are below
+   ``lo``, and the keys inside the bracket (1-3 % of them); a mass of ties at either edge (the
+   zeros of an earlier mask, say) is counted rather than kept. Any key of NaN or inf is refused
+   here, naming the tensor, before anything is written.
+3. *Cut*, on those counts alone: per tensor a key ``t`` and how many of its elements of key ``t``
+   it prunes (its earliest: ties go by position, tensor order first). A global group's per-tensor
+   bounds are the rounds of :func:`~sparsity_core._bounds.select_bounded` run on the counts; a
+   tensor held at a bound far from the group's cut gets a census of its own.
+4. *Apply* (reads and writes every weight once): ``keep = key > t`` (``key >= t`` once the
+   tensor's share of the ties is spent, counted piece by piece) goes into the mask, and the
+   weights are multiplied by it in the same pass while the piece is in cache.
 
-Nothing is written before step 4, so when the bracket misses the cut (odds well under one in a
-million) or holds too many keys (a mass of ties, e.g. weights zeroed by an earlier mask) the
-general path runs instead, with the same result. The masks are those of the general path:
-``round(level * n)`` lowest keys pruned, earlier positions first on ties, currently pruned weights
-(nested masks) pruned first. The pruned weights are written as ``+0.0`` (an integer multiply; the
-general path's float multiply leaves ``-0.0`` for negative weights, which compares equal).
+No float32 score, no finiteness pass, no candidate positions: where the general path scores,
+checks, compares and applies, this path reads the weights twice and writes them once. Nothing is
+written before step 4, so when the bracket misses the cut (odds well under one in a million) or
+holds too many keys, the general path runs instead, with the same result. The masks are the
+general path's: ``round(level * n)`` lowest pruned, earlier positions first on ties, currently
+pruned weights (nested masks) pruned first. The pruned weights are written as ``+0.0`` (an
+integer multiply; the general path's float multiply leaves ``-0.0`` for negative weights, which
+compares equal).
 
-Used where the masks are applied as they are chosen (the controller's step, one-shot
-``sparsify``: ``score_masks`` given ``applied``) on CPU with the NumPy kernels; ``compute_masks``
-alone keeps the general path, which stays the reference this one is tested against.
+N:M (:func:`nm_keep`) ranks the keys of each group the way :func:`~.kernels.rank_keep` ranks
+float32 scores, piece by piece, masking each piece as it goes.
+
+Unstructured selection takes this path where the masks are applied as they are chosen (the
+controller's step, one-shot ``sparsify``: ``score_masks`` given ``applied``) on CPU with the NumPy
+kernels; ``compute_masks`` alone keeps the general path, which stays the reference this one is
+tested against (``tests/test_engine_magnitude.py``). float64 stays on the general path: its
+float32 scores round, so their order is not ``|w|``'s.
 """
 
 from __future__ import annotations
@@ -81,16 +91,18 @@ def eligible(sparsifier: object, tensor: Tensor) -> bool:
 class _Bits:
     """One tensor seen as keys: its integer view, its current keep mask (nested policy) if any."""
 
-    __slots__ = ("at_hi", "at_lo", "band", "below", "bits", "hi", "inf", "keep", "lo", "mag", "n", "name", "ukind")
+    __slots__ = ("at_hi", "at_lo", "band", "below", "bits", "hi", "inf", "keep", "lo", "mag", "n", "name", "shift", "ukind")
 
-    def __init__(self, name: str, tensor: Tensor, keep: Tensor | None) -> None:
+    def __init__(self, name: str, tensor: Tensor, keep: Tensor | None, shift: bool) -> None:
         view, self.ukind, self.mag, self.inf = _KEYS[tensor.dtype]
         self.name = name
         self.bits = tensor.detach().view(view).numpy().reshape(-1)
         self.n = self.bits.size
         # nested: a currently pruned weight is key 0 and every other key moves up by one, so it
         # is pruned first (the general path scores it -inf)
-        self.keep = None if keep is None or bool(keep.all()) else keep.reshape(-1).numpy()
+        # (every tensor of a group alike, with a current mask or not: ``shift``)
+        self.shift = shift
+        self.keep = None if keep is None or not shift else keep.reshape(-1).numpy()
         # after the census: the keys below the bracket [lo, hi] (a count), those inside it (the
         # keys themselves, but a mass of ties at either edge only counted: at_lo, at_hi)
         self.below = self.lo = self.hi = self.at_lo = self.at_hi = 0
@@ -114,15 +126,18 @@ class _Bits:
                 f"tensor {self.name!r} has NaN or inf values (or importance scores): cannot choose "
                 f"a mask for it; check the weights (sparsifier {sparsifier!r})"
             )
-        if self.keep is not None:
+        if self.shift:
             k += 1
-            np.multiply(k, self.keep[start:end], out=k, casting="unsafe")
+            if self.keep is not None:
+                np.multiply(k, self.keep[start:end], out=k, casting="unsafe")
         return k
 
     def sample(self, index: np.ndarray) -> np.ndarray:
         k = self.bits[index].view(self.ukind) & self.ukind(self.mag)
-        if self.keep is not None:
-            k = ((k + 1) * self.keep[index]).astype(self.ukind)
+        if self.shift:
+            k = k + 1
+            if self.keep is not None:
+                k = (k * self.keep[index]).astype(self.ukind)
         return k
 
 
@@ -143,7 +158,7 @@ class _Cut:
 
 
 def _maxkey(bits: _Bits) -> int:
-    return bits.mag + (1 if bits.keep is not None else 0)
+    return bits.mag + bits.shift
 
 
 class _Miss(Exception):
@@ -330,7 +345,8 @@ def select_group(
     """Keep masks for ``tensors`` (one layer-scope tensor, or a global group with ``spec`` and
     ``floors`` for its per-tensor bounds) pruning ``target`` elements, the weights masked in the
     same pass when ``apply``; None when the bracket misses (nothing was read into or written)."""
-    group = [_Bits(n, t, k) for n, t, k in zip(names, tensors, keeps)]
+    nested = any(_prunes(k) for k in keeps)
+    group = [_Bits(n, t, k, nested) for n, t, k in zip(names, tensors, keeps)]
     total = sum(b.n for b in group)
     k = min(max(round(target), 0), total)
     try:
@@ -352,6 +368,10 @@ def select_group(
     return out
 
 
+def _prunes(keep: Tensor | None) -> bool:
+    return keep is not None and not bool(keep.all())
+
+
 def _check(group: Sequence[_Bits], sparsifier: str) -> None:
     for b in group:
         keys = np.empty(min(kernels.CHUNK, b.n), b.ukind)
@@ -365,7 +385,7 @@ def nm_keep(name: str, tensor: Tensor, keep: Tensor | None, m: int, prune: int, 
     piece when ``apply``. The ranks of :func:`~.kernels.rank_keep`, on keys."""
     from .kernels import _rank_keep_flat
 
-    bits = _Bits(name, tensor, keep)
+    bits = _Bits(name, tensor, keep, _prunes(keep))
     step = max(m, min(kernels.CHUNK, _CHUNK) // m * m)
     keys = np.empty(min(step, bits.n), bits.ukind)
     for start in range(0, bits.n, step):
