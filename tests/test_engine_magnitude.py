@@ -305,3 +305,16 @@ def test_one_shot_sparsify_in_bf16_prunes_exactly(fast_calls):
     for n, p in model.named_parameters():
         if n in ref:
             assert torch.equal(p.detach(), ref[n] * expected[n])
+
+
+def test_sharded_tensors_are_left_to_the_selection_across_ranks(fast_calls):
+    """With ``context.shards`` the tensors are each rank's rows of larger ones: the bits path
+    (one process's tensors) stands aside for the selection that reduces across the ranks."""
+    from sparsity_core._shards import Shard, Shards
+
+    w = {"w": torch.randn(100, 100)}
+    shards = Shards(comm=object(), tensors={"w": Shard(torch.Size([200, 100]), 0)})  # type: ignore[arg-type]
+    score_masks(create_sparsifier("magnitude", {"sparsity_level": 0.5}), w, {"w": 0.5}, {}, context=MaskContext(shards=shards))
+    assert fast_calls == []
+    score_masks(create_sparsifier("magnitude", {"sparsity_level": 0.5}), w, {"w": 0.5}, {})
+    assert fast_calls == [True]

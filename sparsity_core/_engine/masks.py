@@ -48,6 +48,8 @@ def score_masks(
     layouts = context.layouts if context is not None else {}
     nested = context is not None and not sparsifier.capabilities.regrowth
     current = context.current if nested else {}  # type: ignore[union-attr]
+    # the bits path selects over this process's tensors; sharded ones are selected across ranks
+    bits = apply and (context is None or context.shards is None)
 
     def done(name: str, mask: Tensor, fused: bool = False) -> None:
         masks[name] = mask
@@ -85,7 +87,7 @@ def score_masks(
             elif pattern.kind == "unstructured" and tensor.numel() <= kernels.SMALL:
                 small.append((name, max(level * tensor.numel(), pruned_now(name))))
             else:
-                if apply and pattern.kind == "unstructured" and magnitude.eligible(sparsifier, tensor):
+                if bits and pattern.kind == "unstructured" and magnitude.eligible(sparsifier, tensor):
                     fast = magnitude.select_group(
                         sparsifier, [name], [tensor], [current.get(name)], max(level * tensor.numel(), pruned_now(name)), apply
                     )
@@ -108,7 +110,7 @@ def score_masks(
         for names in groups.values():
             target = sum(levels[n] * tensors[n].numel() for n in names)
             spec = sparsifier.spec_for(names[0])
-            if apply and spec.parsed_pattern.kind == "unstructured" and all(magnitude.eligible(sparsifier, tensors[n]) for n in names):  # type: ignore[attr-defined]
+            if bits and spec.parsed_pattern.kind == "unstructured" and all(magnitude.eligible(sparsifier, tensors[n]) for n in names):  # type: ignore[attr-defined]
                 floors = [int(pruned_now(n)) for n in names]
                 fast = magnitude.select_group(
                     sparsifier, names, [tensors[n] for n in names], [current.get(n) for n in names], max(target, sum(floors)), apply, spec, floors
