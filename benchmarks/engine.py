@@ -4,6 +4,7 @@
     python benchmarks/engine.py --params 10e6 --quick   # a smoke run
     python benchmarks/engine.py --only "data_norm 1x4"  # some cases (beside the pass) only
     python benchmarks/engine.py --dtypes bf16 --quick   # one weight dtype (default: fp32,bf16,fp16)
+    python benchmarks/engine.py --general ...           # magnitude off the bits path (float32 scores)
 
 Every case runs in a fresh subprocess on one thread (``torch.set_num_threads(1)``) over a model of
 ``nn.Linear`` layers (4096 x 4096 when large enough). Time: the best of ``--repeat`` runs for ours
@@ -103,8 +104,13 @@ def _weights(model: Any) -> list[Any]:
     return [m.weight for m in model]
 
 
-def run_case(case: str, params: float, repeat: int, dtype: str = "fp32") -> dict[str, Any]:
+def run_case(case: str, params: float, repeat: int, dtype: str = "fp32", general: bool = False) -> dict[str, Any]:
     import torch
+
+    if general:  # the general path (float32 scores, selection.py) for magnitude, to compare
+        from sparsity_core._engine import magnitude
+
+        magnitude.eligible = lambda *_: False  # type: ignore[assignment]
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -291,11 +297,12 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated cases to run (the pass always runs); skips the re-apply table")
     parser.add_argument("--dtypes", default="fp32,bf16,fp16", help="weight dtypes of the per-dtype cases (default fp32,bf16,fp16)")
     parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--general", action="store_true", help="magnitude on the general path (float32 scores), not on the weights' bits")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--apply", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case, args.params, args.repeat, args.dtype)))
+        print(json.dumps(run_case(args.case, args.params, args.repeat, args.dtype, args.general)))
         return
     if args.apply:
         print(json.dumps(run_apply(max(args.repeat, 5))))
@@ -331,7 +338,9 @@ def main() -> None:
     results: dict[tuple[str, str], dict[str, Any]] = {}
     for case, d in runs:
         console.print(f"running {case} ({d}) ...", style="dim")
-        results[case, d] = _child(["--case", case, "--params", str(args.params), "--repeat", str(args.repeat), "--dtype", d])
+        results[case, d] = _child(
+            ["--case", case, "--params", str(args.params), "--repeat", str(args.repeat), "--dtype", d] + (["--general"] if args.general else [])
+        )
     for d in {d for _, d in runs}:
         if "error" in results["pass", d]:
             raise SystemExit(f"the reference pass ({d}) failed: {results['pass', d]['error']}")
