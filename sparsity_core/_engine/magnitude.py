@@ -47,7 +47,7 @@ float32 scores round, so their order is not ``|w|``'s.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -91,7 +91,7 @@ def eligible(sparsifier: object, tensor: Tensor) -> bool:
 class _Bits:
     """One tensor seen as keys: its integer view, its current keep mask (nested policy) if any."""
 
-    __slots__ = ("at_hi", "at_lo", "band", "below", "bits", "hi", "inf", "keep", "lo", "mag", "mask", "n", "name", "pos", "shift", "ukind")
+    __slots__ = ("at_hi", "at_lo", "band", "below", "bits", "hi", "inf", "keep", "lo", "mag", "n", "name", "shift", "ukind")
 
     def __init__(self, name: str, tensor: Tensor, keep: Tensor | None, shift: bool) -> None:
         view, self.ukind, self.mag, self.inf = _KEYS[tensor.dtype]
@@ -107,10 +107,6 @@ class _Bits:
         # keys themselves, but a mass of ties at either edge only counted: at_lo, at_hi)
         self.below = self.lo = self.hi = self.at_lo = self.at_hi = 0
         self.band: np.ndarray = np.empty(0, self.ukind)
-        # the flat keep mask to fill; the census writes ``key > hi`` into it and keeps the band's
-        # positions (``pos``) when no edge is a mass, so that step 4 only fixes the band up
-        self.mask: np.ndarray | None = None
-        self.pos: np.ndarray | None = None
 
     def inside(self) -> int:
         return self.at_lo + self.band.size + self.at_hi
@@ -200,9 +196,6 @@ def _census(group: Sequence[_Bits], k: int, sparsifier: str) -> None:
         keys, under, upto, edge = np.empty(size, b.ukind), np.empty(size, bool), np.empty(size, bool), np.empty(size, bool)
         below = at_lo = at_hi = 0
         parts: list[np.ndarray] = []
-        premask = b.mask is not None and lo < hi and not mass_lo and not mass_hi
-        where: list[np.ndarray] = []
-        index = np.int32 if b.n < 2**31 else np.int64
         for start in range(0, b.n, chunk):
             end = min(b.n, start + chunk)
             k_ = b.keys(start, end, keys, check=True, sparsifier=sparsifier)
@@ -222,20 +215,14 @@ def _census(group: Sequence[_Bits], k: int, sparsifier: str) -> None:
                 np.less_equal(k_, lo, out=e)
                 at_lo += int(np.count_nonzero(e)) - n_u
                 u = e
-            if premask:
-                np.logical_not(s, out=b.mask[start:end])  # type: ignore[index]
             np.logical_xor(s, u, out=s)  # inside the bracket, edges counted apart
-            pos = np.flatnonzero(s)  # with a gather, faster than k_[s] (measured); ~2 % of the keys
-            part = k_[pos]
+            part = k_[np.flatnonzero(s)]  # faster than k_[s] (measured), and ~2 % of the keys
             held += part.size
             if held > cap:
                 raise _Miss
             parts.append(part)
-            if premask:
-                where.append((pos + start).astype(index))
         b.below, b.lo, b.hi, b.at_lo, b.at_hi = below, lo, hi, at_lo, at_hi
         b.band = np.concatenate(parts) if parts else np.empty(0, b.ukind)
-        b.pos = (np.concatenate(where) if where else np.empty(0, index)) if premask else None
 
 
 #: Elements per piece of the census and the apply pass: a few arrays of it stay in L2.
@@ -324,16 +311,6 @@ def _apply(bits: _Bits, cut: _Cut, mask: np.ndarray, apply: bool) -> None:
             bits.bits.fill(0)
         return
     chunk = min(kernels.CHUNK, _CHUNK)
-    if bits.pos is not None and mask is bits.mask:  # the census wrote key > hi: fix the band up
-        band, pos = bits.band, bits.pos
-        mask[pos[band > cut.t]] = True
-        if cut.ties < cut.all_ties:
-            mask[pos[band == cut.t][cut.ties :]] = True
-        if apply:
-            for start in range(0, bits.n, chunk):
-                x, m = bits.bits[start : start + chunk], mask[start : start + chunk]
-                np.multiply(x, m.view(np.uint8), out=x, casting="unsafe")
-        return
     keys = np.empty(min(chunk, bits.n), bits.ukind)
     # keep > t while this tensor still prunes ties of key t, then keep >= t (i.e. > t - 1)
     left = cut.ties if cut.ties < cut.all_ties else 0
@@ -364,15 +341,16 @@ def select_group(
     apply: bool,
     spec: Any = None,
     floors: Sequence[int] | None = None,
-) -> list[Tensor] | None:
+) -> Iterator[Tensor] | None:
     """Keep masks for ``tensors`` (one layer-scope tensor, or a global group with ``spec`` and
     ``floors`` for its per-tensor bounds) pruning ``target`` elements, the weights masked in the
-    same pass when ``apply``; None when the bracket misses (nothing was read into or written)."""
+    same pass when ``apply``; None when the bracket misses (nothing was written).
+
+    The cut is decided here; the masks come one tensor at a time from the returned iterator, each
+    made (and its tensor masked) when it is asked for, so a caller that hands each one over (or
+    packs it) before asking for the next never holds every tensor's bool mask at once."""
     nested = any(_prunes(k) for k in keeps)
     group = [_Bits(n, t, k, nested) for n, t, k in zip(names, tensors, keeps)]
-    masks = [torch.empty(t.shape, dtype=torch.bool) for t in tensors]
-    for b, m in zip(group, masks):
-        b.mask = m.view(-1).numpy()
     total = sum(b.n for b in group)
     k = min(max(round(target), 0), total)
     try:
@@ -386,9 +364,14 @@ def select_group(
             cuts = _decide_bounded(group, target, spec, floors or [0] * len(group), sparsifier.name)
     except _Miss:
         return None
-    for b, c in zip(group, cuts):
-        _apply(b, c, b.mask, apply)  # type: ignore[arg-type]
-    return masks
+    return _masks(group, cuts, tensors, apply)
+
+
+def _masks(group: Sequence[_Bits], cuts: Sequence[_Cut], tensors: Sequence[Tensor], apply: bool) -> Iterator[Tensor]:
+    for b, c, t in zip(group, cuts, tensors):
+        mask = torch.empty(t.shape, dtype=torch.bool)
+        _apply(b, c, mask.view(-1).numpy(), apply)
+        yield mask
 
 
 def _prunes(keep: Tensor | None) -> bool:

@@ -92,7 +92,7 @@ def score_masks(
                         sparsifier, [name], [tensor], [current.get(name)], max(level * tensor.numel(), pruned_now(name)), apply
                     )
                     if fast is not None:
-                        done(name, fast[0], fused=True)
+                        done(name, next(fast), fused=True)
                         continue
                 units = _units(scorer(name), pattern)
                 select([units], max(level * tensor.numel(), pruned_now(name, units)))
