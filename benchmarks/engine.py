@@ -3,6 +3,8 @@
     python benchmarks/engine.py --params 100e6          # the issue's setting (takes a few minutes)
     python benchmarks/engine.py --params 10e6 --quick   # a smoke run
     python benchmarks/engine.py --only "data_norm 1x4"  # some cases (beside the pass) only
+    python benchmarks/engine.py --dtypes bf16 --quick   # one weight dtype (default: fp32,bf16,fp16)
+    python benchmarks/engine.py --general ...           # magnitude off the bits path (float32 scores)
 
 Every case runs in a fresh subprocess on one thread (``torch.set_num_threads(1)``) over a model of
 ``nn.Linear`` layers (4096 x 4096 when large enough). Time: the best of ``--repeat`` runs for ours
@@ -18,14 +20,18 @@ to ``ru_maxrss`` (which cannot be reset; the model is then built first and the f
 bound).
 
 Cases: ``pass`` (w.mul_(1) over every weight: the limit); ours one-shot through ``sparsify`` (masks
-computed, applied and dropped; ``SparsityController(...).step()`` then ``.squash()``, i.e.
-``sparsify`` without its closing report): magnitude 90% global and layer, 2:4, data_norm 1x4; ours with the
+computed, applied and dropped; ``SparsityController(...).step()`` then ``._squash(trust_masked=True)``,
+i.e. ``sparsify`` without its closing report): magnitude 90% global and layer, 2:4, data_norm 1x4; ours with the
 masks kept (``SparsityController.step()``, bool masks alive afterwards); the anchors
 ``torch.nn.utils.prune.global_unstructured`` + ``prune.remove`` (what Lightning's ModelPruning
 calls), torch.ao ``WeightNormSparsifier`` (1x4 blocks) and ``DataNormSparsifier`` (1x4, the seed
 callback's path). Then the cost of re-applying masks after each optimizer step, as a fraction of a
 training step of a ~5M-parameter MLP, beside torch.nn.utils.prune's forward pre-hooks and torch.ao's
 parametrizations.
+
+The pass, magnitude global and layer, 2:4 and ``prune.global_unstructured`` run in every weight
+dtype of ``--dtypes`` (the model built in that dtype, each compared with the pass in its own dtype);
+the other cases in fp32 only.
 """
 
 from __future__ import annotations
@@ -41,10 +47,14 @@ import warnings
 from typing import Any, Callable
 
 GOALS = {
-    "magnitude global 90%": ("pass", 10.0, "prune.global_unstructured", 20.0),
-    "2:4": ("pass", 10.0, None, None),
+    "magnitude global 90%": ("pass", 3.0, "prune.global_unstructured", 20.0),
+    "magnitude layer 90%": ("pass", 3.0, None, None),
+    "2:4": ("pass", 3.0, None, None),
     "data_norm 1x4": (None, None, "torch.ao DataNormSparsifier", 20.0),
 }
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+#: Cases run in every dtype of --dtypes; the rest in fp32 only.
+PER_DTYPE = ("pass", "magnitude global 90%", "magnitude layer 90%", "2:4", "prune.global_unstructured")
 MEMORY_GOAL = 0.3
 APPLY_GOAL = 0.03
 
@@ -80,26 +90,31 @@ def _measure(fn: Callable[[], None], repeat: int, before: Callable[[], None] | N
     return best, max(0, peak - base)
 
 
-def _model(params: float) -> Any:
+def _model(params: float, dtype: str = "fp32") -> Any:
     import torch
     from torch import nn
 
     d = 4096 if params >= 4096 * 4096 else max(16, int(math.sqrt(params)))
     layers = max(1, round(params / (d * d)))
     torch.manual_seed(0)
-    return nn.Sequential(*[nn.Linear(d, d) for _ in range(layers)])
+    return nn.Sequential(*[nn.Linear(d, d, dtype=getattr(torch, DTYPES[dtype])) for _ in range(layers)])
 
 
 def _weights(model: Any) -> list[Any]:
     return [m.weight for m in model]
 
 
-def run_case(case: str, params: float, repeat: int) -> dict[str, Any]:
+def run_case(case: str, params: float, repeat: int, dtype: str = "fp32", general: bool = False) -> dict[str, Any]:
     import torch
+
+    if general:  # the general path (float32 scores, selection.py) for magnitude, to compare
+        from sparsity_core._engine import magnitude
+
+        magnitude.eligible = lambda *_: False  # type: ignore[assignment]
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    model = _model(params)
+    model = _model(params, dtype)
     weights = _weights(model)
     n = sum(w.numel() for w in weights)
     nbytes = sum(w.numel() * w.element_size() for w in weights)
@@ -178,7 +193,7 @@ def run_case(case: str, params: float, repeat: int) -> dict[str, Any]:
         seconds, extra = _measure(dn, 1)
     else:
         raise SystemExit(f"unknown case {case!r}")
-    return {"case": case, "seconds": seconds, "extra_bytes": extra, "model_bytes": nbytes, "params": n}
+    return {"case": case, "dtype": dtype, "seconds": seconds, "extra_bytes": extra, "model_bytes": nbytes, "params": n}
 
 
 def run_apply(repeat: int) -> dict[str, Any]:
@@ -281,11 +296,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per case of ours (best is kept)")
     parser.add_argument("--quick", action="store_true", help="skip the slow anchors")
     parser.add_argument("--only", help="comma-separated cases to run (the pass always runs); skips the re-apply table")
+    parser.add_argument("--dtypes", default="fp32,bf16,fp16", help="weight dtypes of the per-dtype cases (default fp32,bf16,fp16)")
+    parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--general", action="store_true", help="magnitude on the general path (float32 scores), not on the weights' bits")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--apply", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case, args.params, args.repeat)))
+        print(json.dumps(run_case(args.case, args.params, args.repeat, args.dtype, args.general)))
         return
     if args.apply:
         print(json.dumps(run_apply(max(args.repeat, 5))))
@@ -311,42 +329,52 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"unknown case(s) {unknown}; choose from {todo}")
         todo = ["pass"] + [c for c in todo if c in wanted and c != "pass"]
-    results: dict[str, dict[str, Any]] = {}
-    for case in todo:
-        console.print(f"running {case} ...", style="dim")
-        results[case] = _child(["--case", case, "--params", str(args.params), "--repeat", str(args.repeat)])
-    passed = results["pass"]
-    if "error" in passed:
-        raise SystemExit(f"the reference pass failed: {passed['error']}")
-    table = Table(title=f"Mask computation, {passed['params'] / 1e6:.1f}M params ({passed['model_bytes'] / 2**20:.0f} MiB fp32), one thread")
-    for col in ("case", "time (s)", "x pass", "peak extra (x model bytes)"):
-        table.add_column(col, justify="left" if col == "case" else "right")
-    for case, r in results.items():
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown or not dtypes:
+        raise SystemExit(f"unknown dtype(s) {unknown}; choose from {list(DTYPES)}")
+    runs = [(case, d) for d in dtypes for case in todo if case in PER_DTYPE] + [(c, "fp32") for c in todo if c not in PER_DTYPE]
+    if "fp32" not in dtypes and any(c not in PER_DTYPE for c in todo):
+        runs.insert(0, ("pass", "fp32"))  # the fp32-only cases are compared with the fp32 pass
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    for case, d in runs:
+        console.print(f"running {case} ({d}) ...", style="dim")
+        results[case, d] = _child(
+            ["--case", case, "--params", str(args.params), "--repeat", str(args.repeat), "--dtype", d] + (["--general"] if args.general else [])
+        )
+    for d in {d for _, d in runs}:
+        if "error" in results["pass", d]:
+            raise SystemExit(f"the reference pass ({d}) failed: {results['pass', d]['error']}")
+    first = results["pass", runs[0][1]]
+    table = Table(title=f"Mask computation, {first['params'] / 1e6:.1f}M params, one thread; x pass: over the pass in the same dtype")
+    for col in ("case", "dtype", "time (s)", "x pass", "peak extra (x model bytes)"):
+        table.add_column(col, justify="left" if col in ("case", "dtype") else "right")
+    for (case, d), r in results.items():
         if "error" in r:
-            table.add_row(case, "error", " ".join(r["error"]), "")
+            table.add_row(case, d, "error", " ".join(r["error"]), "")
             continue
         table.add_row(
-            case, f"{r['seconds']:.3f}", f"{r['seconds'] / passed['seconds']:.1f}", f"{r['extra_bytes'] / r['model_bytes']:.3f}"
+            case, d, f"{r['seconds']:.3f}", f"{r['seconds'] / results['pass', d]['seconds']:.1f}", f"{r['extra_bytes'] / r['model_bytes']:.3f}"
         )
     console.print(table)
 
     verdicts = []
     notes: list[str] = []
-    for case, (vs_pass, pass_ratio, anchor, anchor_ratio) in GOALS.items():
-        r = results.get(case, {})
-        if "seconds" not in r:
+    for (case, d), r in results.items():
+        if case not in GOALS or "seconds" not in r:
             continue
+        vs_pass, pass_ratio, anchor, anchor_ratio = GOALS[case]
         if vs_pass:
-            x = r["seconds"] / passed["seconds"]
-            verdicts.append((f"{case}: within {pass_ratio:g}x of the pass", f"{x:.1f}x", x <= pass_ratio))
-        if anchor and "seconds" in results.get(anchor, {}):
-            x = results[anchor]["seconds"] / r["seconds"]
-            verdicts.append((f"{case}: >= {anchor_ratio:g}x faster than {anchor}", f"{x:.0f}x", x >= anchor_ratio))
+            x = r["seconds"] / results["pass", d]["seconds"]
+            verdicts.append((f"{case} ({d}): within {pass_ratio:g}x of the pass", f"{x:.1f}x", x <= pass_ratio))
+        if anchor and "seconds" in results.get((anchor, d), {}):
+            x = results[anchor, d]["seconds"] / r["seconds"]
+            verdicts.append((f"{case} ({d}): >= {anchor_ratio:g}x faster than {anchor}", f"{x:.0f}x", x >= anchor_ratio))
     for case in ("magnitude global 90%", "2:4", "data_norm 1x4", "magnitude global 90%, masks kept"):
-        r = results.get(case, {})
+        r = results.get((case, "fp32"), {})
         if "extra_bytes" in r:
             x = r["extra_bytes"] / r["model_bytes"]
-            verdicts.append((f"{case}: peak extra memory <= {MEMORY_GOAL:g}x model bytes", f"{x:.3f}x", x <= MEMORY_GOAL))
+            verdicts.append((f"{case} (fp32): peak extra memory <= {MEMORY_GOAL:g}x model bytes", f"{x:.3f}x", x <= MEMORY_GOAL))
             if x > MEMORY_GOAL:
                 notes.append(
                     f"{case}: peak extra {x:.3f}x model bytes. The bool masks alone are 0.25x (one byte per fp32 "

@@ -304,6 +304,14 @@ class ScoreSparsifier(Sparsifier):
     #: near one memory pass and never holds a whole tensor's scores.
     elementwise: ClassVar[bool] = False
 
+    #: Set to True when ``score`` ranks exactly like ``|w|``: a strictly increasing function of
+    #: each element's absolute value alone (``|w|`` itself, ``w ** 2`` in float64, not ``w ** 2``
+    #: in a dtype where distinct ``|w|`` may round to one score), so that equal ``|w|`` tie and
+    #: nothing else does. The core may then select on the weights' bits without calling ``score``
+    #: (see ``sparsity_core._engine.magnitude``). The declaration holds for the ``score`` of the
+    #: class that makes it: a subclass overriding ``score`` must declare it again.
+    ranks_like_magnitude: ClassVar[bool] = False
+
     @abstractmethod
     def score(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Importance of each element of ``tensor`` (same shape; higher = more important)."""

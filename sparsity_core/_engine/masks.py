@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .._bounds import select_bounded
-from . import kernels
+from . import kernels, magnitude
 from .kernels import _all_finite, _count, apply_mask_, Tensor
 from .._bits import MaskView, PackedMask
 from .units import _Blocks, _Elements, _PackedElements, _Units, Scorer
@@ -59,13 +59,16 @@ def score_masks(
     current = context.current if nested else {}  # type: ignore[union-attr]
     # the controller's masks in force, packed: read a piece at a time instead of unpacked whole
     packed_current = current.packed() if isinstance(current, MaskView) else {}
+    # the bits path selects over this process's tensors; sharded ones are selected across ranks
+    bits = apply and (context is None or context.shards is None)
 
     def done(name: str, mask: Tensor | PackedMask, fused: bool = False) -> None:
         if applied is None:
             masks[name] = mask.to_bool() if isinstance(mask, PackedMask) else mask
             return
         if isinstance(mask, PackedMask):
-            mask.apply_(tensors[name])
+            if not fused:
+                mask.apply_(tensors[name])
         elif not fused:
             apply_mask_(tensors[name], mask)
         applied[name] = mask  # handed over, not kept
@@ -92,6 +95,13 @@ def score_masks(
             elif pattern.kind == "unstructured" and tensor.numel() <= kernels.SMALL:
                 small.append((name, max(level * tensor.numel(), pruned_now(name))))
             else:
+                if bits and pattern.kind == "unstructured" and magnitude.eligible(sparsifier, tensor):
+                    fast = magnitude.select_group(
+                        sparsifier, [name], [tensor], [current.get(name)], max(level * tensor.numel(), pruned_now(name)), apply, packed=True
+                    )
+                    if fast is not None:
+                        done(name, next(fast), fused=True)
+                        continue
                 units = _units(scorer(name), pattern, apply)
                 select([units], max(level * tensor.numel(), pruned_now(name, units)))
                 done(name, units.element_mask())
@@ -106,8 +116,19 @@ def score_masks(
                 _mask_many([tensors[n] for n in small_names], small_masks)
                 applied.update(zip(small_names, small_masks))
         for names in groups.values():
-            group = [_units(scorer(n), sparsifier.spec_for(n).parsed_pattern, apply) for n in names]  # type: ignore[attr-defined]
             target = sum(levels[n] * tensors[n].numel() for n in names)
+            spec = sparsifier.spec_for(names[0])
+            if bits and spec.parsed_pattern.kind == "unstructured" and all(magnitude.eligible(sparsifier, tensors[n]) for n in names):  # type: ignore[attr-defined]
+                floors = [int(pruned_now(n)) for n in names]
+                fast = magnitude.select_group(
+                    sparsifier, names, [tensors[n] for n in names], [current.get(n) for n in names], max(target, sum(floors)), apply, spec, floors,
+                    packed=True,
+                )
+                if fast is not None:
+                    for n, mask in zip(names, fast):
+                        done(n, mask, fused=True)  # packed piece by piece: no bool mask of a whole tensor
+                    continue
+            group = [_units(scorer(n), sparsifier.spec_for(n).parsed_pattern, apply) for n in names]  # type: ignore[attr-defined]
             floors = [int(pruned_now(n, u)) for n, u in zip(names, group)]  # per-tensor bounds (no layer emptied): _bounds.py
             select_bounded(group, max(target, sum(floors)), sparsifier.spec_for(names[0]), floors)
             for i, n in enumerate(names):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels
+from . import kernels, magnitude
 from .kernels import apply_mask_, rank_keep, Tensor, view2d
 from .units import Scorer
 
@@ -27,6 +27,10 @@ def nm_mask(scorer: Scorer, n: int, m: int, level: float, apply: bool = False) -
     mask = torch.empty(rows, cols, dtype=torch.bool, device=tensor.device)
     full = cols // m * m
     fused = apply and natural and tensor.is_contiguous()
+    if full == cols and natural and m <= 8 and magnitude.eligible(scorer.sparsifier, tensor):
+        # ranks on the weights' bits (see .magnitude): no float32 scores, bf16 and fp16 alike
+        magnitude.nm_keep(scorer.name, tensor, scorer.keep, m, prune, mask.view(-1).numpy(), apply, scorer.sparsifier.name)
+        return mask.view(tensor.shape)
     if full == cols and natural:  # groups are runs of m in the flat tensor: score it in flat pieces
         out = mask.view(-1)
         step = max(m, kernels.CHUNK // m * m)

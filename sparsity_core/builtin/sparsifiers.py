@@ -25,6 +25,8 @@ class Magnitude(ScoreSparsifier):
 
     name = "magnitude"
     elementwise = True
+    # |w| orders like the sign-cleared bits of w: the engine may select on the bits (_engine/magnitude.py)
+    ranks_like_magnitude = True
     # |w| depends on the element alone: on row shards the engine's selection makes the masks exact
     capabilities = Capabilities(shard_safe=True)
 

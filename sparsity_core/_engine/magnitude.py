@@ -1,0 +1,424 @@
+"""Magnitude selection on the weights' own bits: exact, no float scores, in fp32, bf16 and fp16.
+
+For a sparsifier whose score ranks exactly like ``|w|`` (it declares
+``ScoreSparsifier.ranks_like_magnitude``), the order of the scores is the order of each weight's
+bit pattern with the sign cleared, read as an unsigned integer (IEEE floats store exponent, then
+mantissa): a *key*. ``-0.0`` and ``0.0`` are both key 0, as ``|-0.0| == 0.0``; NaN and inf are the
+keys at or above the all-ones exponent. So the selection runs on integer views of the weights
+themselves (bf16 included, which NumPy cannot read as floats) and never makes a float32 score:
+the general path's score, finiteness check and compare passes become two passes over the bits.
+
+How, for one group (a tensor in layer scope, every tensor of a global group):
+
+1. *Bracket*: the keys at about one position in 1024 (stratified, a fixed seed; at least 2**14,
+   at most :data:`~.kernels.SAMPLE`), sorted, bracket the cut ``[lo, hi]`` at ``Z`` standard
+   errors of the sampled quantile, as :mod:`.selection` does.
+2. *Census* (reads every weight once, writes nothing): per tensor, how many keys are below
+   ``lo``, and the keys inside the bracket (1-3 % of them); a mass of ties at either edge (the
+   zeros of an earlier mask, say) is counted rather than kept. Any key of NaN or inf is refused
+   here, naming the tensor, before anything is written.
+3. *Cut*, on those counts alone: per tensor a key ``t`` and how many of its elements of key ``t``
+   it prunes (its earliest: ties go by position, tensor order first). A global group's per-tensor
+   bounds are the rounds of :func:`~sparsity_core._bounds.select_bounded` run on the counts; a
+   tensor held at a bound far from the group's cut gets a census of its own.
+4. *Apply* (reads and writes every weight once): ``keep = key > t`` (``key >= t`` once the
+   tensor's share of the ties is spent, counted piece by piece) goes into the mask, and the
+   weights are multiplied by it in the same pass while the piece is in cache.
+
+No float32 score, no finiteness pass, no candidate positions: where the general path scores,
+checks, compares and applies, this path reads the weights twice and writes them once. Nothing is
+written before step 4, so when the bracket misses the cut (odds well under one in a million) or
+holds too many keys, the general path runs instead, with the same result. The masks are the
+general path's: ``round(level * n)`` lowest pruned, earlier positions first on ties, currently
+pruned weights (nested masks) pruned first. The pruned weights are written as ``+0.0`` (an
+integer multiply; the general path's float multiply leaves ``-0.0`` for negative weights, which
+compares equal).
+
+N:M (:func:`nm_keep`) ranks the keys of each group the way :func:`~.kernels.rank_keep` ranks
+float32 scores, piece by piece, masking each piece as it goes.
+
+Unstructured selection takes this path where the masks are applied as they are chosen (the
+controller's step, one-shot ``sparsify``: ``score_masks`` given ``applied``) on CPU with the NumPy
+kernels; ``compute_masks`` alone keeps the general path, which stays the reference this one is
+tested against (``tests/test_engine_magnitude.py``). float64 stays on the general path: its
+float32 scores round, so their order is not ``|w|``'s.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, Final
+
+import numpy as np
+import torch
+
+from . import kernels
+from .._bits import PackedMask, packed_size
+from .kernels import Tensor, _numpy_kernels
+
+#: dtype -> (integer view, unsigned NumPy type, magnitude bits, first key of inf/NaN)
+_KEYS: Final = {
+    torch.float32: (torch.int32, np.uint32, 0x7FFFFFFF, 0x7F800000),
+    torch.bfloat16: (torch.int16, np.uint16, 0x7FFF, 0x7F80),
+    torch.float16: (torch.int16, np.uint16, 0x7FFF, 0x7C00),
+}
+
+
+def ranks_like_magnitude(sparsifier: object) -> bool:
+    """Whether ``sparsifier`` declares that its score ranks exactly like ``|w|``, for the ``score``
+    it runs: the declaration must come from the class that defines ``score`` or a subclass of it,
+    so that a subclass overriding ``score`` without declaring it again is never taken at its
+    parent's word."""
+    mro = type(sparsifier).__mro__
+    declared = next((i for i, c in enumerate(mro) if "ranks_like_magnitude" in vars(c)), None)
+    scored = next((i for i, c in enumerate(mro) if "score" in vars(c)), None)
+    if declared is None or scored is None or declared > scored:
+        return False
+    return bool(vars(mro[declared])["ranks_like_magnitude"])
+
+
+def eligible(sparsifier: object, tensor: Tensor) -> bool:
+    """Whether ``tensor``'s unstructured (or N:M) selection may run on its bits."""
+    return (
+        tensor.dtype in _KEYS
+        and _numpy_kernels(tensor)
+        and tensor.is_contiguous()
+        and tensor.numel() > 0
+        and ranks_like_magnitude(sparsifier)
+    )
+
+
+class _Bits:
+    """One tensor seen as keys: its integer view, its current keep mask (nested policy) if any."""
+
+    __slots__ = ("at_hi", "at_lo", "band", "below", "bits", "hi", "inf", "keep", "lo", "mag", "n", "name", "shift", "ukind")
+
+    def __init__(self, name: str, tensor: Tensor, keep: Tensor | None, shift: bool) -> None:
+        view, self.ukind, self.mag, self.inf = _KEYS[tensor.dtype]
+        self.name = name
+        self.bits = tensor.detach().view(view).numpy().reshape(-1)
+        self.n = self.bits.size
+        # nested: a currently pruned weight is key 0 and every other key moves up by one, so it
+        # is pruned first (the general path scores it -inf)
+        # (every tensor of a group alike, with a current mask or not: ``shift``)
+        self.shift = shift
+        self.keep = None if keep is None or not shift else keep.reshape(-1).numpy()
+        # after the census: the keys below the bracket [lo, hi] (a count), those inside it (the
+        # keys themselves, but a mass of ties at either edge only counted: at_lo, at_hi)
+        self.below = self.lo = self.hi = self.at_lo = self.at_hi = 0
+        self.band: np.ndarray = np.empty(0, self.ukind)
+
+    def inside(self) -> int:
+        return self.at_lo + self.band.size + self.at_hi
+
+    def lt(self, t: int) -> int:
+        """Keys in the bracket below ``t``."""
+        return (self.at_lo if t > self.lo else 0) + int(np.count_nonzero(self.band < t)) + (self.at_hi if t > self.hi else 0)
+
+    def eq(self, t: int) -> int:
+        return (self.at_lo if t == self.lo else 0) + int(np.count_nonzero(self.band == t)) + (self.at_hi if t == self.hi else 0)
+
+    def keys(self, start: int, end: int, out: np.ndarray, check: bool = False, sparsifier: str = "") -> np.ndarray:
+        k = out[: end - start]
+        np.bitwise_and(self.bits[start:end].view(self.ukind), self.mag, out=k)
+        if check and k.size and int(k.max()) >= self.inf:
+            raise ValueError(
+                f"tensor {self.name!r} has NaN or inf values (or importance scores): cannot choose "
+                f"a mask for it; check the weights (sparsifier {sparsifier!r})"
+            )
+        if self.shift:
+            k += 1
+            if self.keep is not None:
+                np.multiply(k, self.keep[start:end], out=k, casting="unsafe")
+        return k
+
+    def sample(self, index: np.ndarray) -> np.ndarray:
+        k = self.bits[index].view(self.ukind) & self.ukind(self.mag)
+        if self.shift:
+            k = k + 1
+            if self.keep is not None:
+                k = (k * self.keep[index]).astype(self.ukind)
+        return k
+
+
+class _Cut:
+    """What one tensor prunes: keys below ``t``, and the first ``ties`` of its elements of key ``t``."""
+
+    __slots__ = ("t", "ties", "all_ties")
+
+    def __init__(self, t: int, ties: int, all_ties: int) -> None:
+        self.t, self.ties, self.all_ties = t, ties, all_ties
+
+    def pruned(self, bits: _Bits) -> int:
+        if self.t < 0:
+            return 0
+        if self.t > _maxkey(bits):
+            return bits.n
+        return bits.below + bits.lt(self.t) + self.ties
+
+
+def _maxkey(bits: _Bits) -> int:
+    return bits.mag + bits.shift
+
+
+class _Miss(Exception):
+    """The bracket does not hold the cut: the general path decides."""
+
+
+def _census(group: Sequence[_Bits], k: int, sparsifier: str) -> None:
+    """Steps 1 and 2 for the whole group (``k`` keys to prune overall): sets each ``below``,
+    ``lo`` and ``band``. Raises :class:`_Miss` when the bracket holds too many keys."""
+    total = sum(b.n for b in group)
+    # a sample of about one key in 1024 (at least 2**14): the bracket then holds 1-3 % of the
+    # keys; a larger one narrows it but costs a cache miss per key, as much as a pass at 16M
+    n_sample = min(kernels.SAMPLE, total, max(1 << 14, total >> 10))
+    stride = total / n_sample
+    index = (np.arange(n_sample) * stride + np.random.default_rng(0).random(n_sample) * stride).astype(np.int64)
+    np.minimum(index, total - 1, out=index)
+    edges = np.cumsum([0] + [b.n for b in group])
+    cuts = np.searchsorted(index, edges)
+    sample = np.concatenate([b.sample(index[cuts[i] : cuts[i + 1]] - edges[i]) for i, b in enumerate(group)])
+    sample.sort()
+    q = k / total
+    spread = kernels.Z * math.sqrt(n_sample * q * (1 - q))
+    lo_rank, hi_rank = math.floor(q * n_sample - spread) - 1, math.ceil(q * n_sample + spread) + 1
+    lo = int(sample[lo_rank]) if lo_rank >= 0 else 0
+    hi = int(sample[hi_rank]) if hi_rank < n_sample else max(_maxkey(b) for b in group)
+    # a mass of ties at an edge (zeros of an earlier mask, say) is counted, not gathered
+    mass = max(2.0, spread)
+    mass_lo = lo < hi and np.searchsorted(sample, lo, "right") - np.searchsorted(sample, lo, "left") > mass
+    mass_hi = lo < hi and np.searchsorted(sample, hi, "right") - np.searchsorted(sample, hi, "left") > mass
+    cap = max(1 << 16, total // 8)
+    held = 0
+    chunk = min(kernels.CHUNK, _CHUNK)
+    for b in group:
+        size = min(chunk, b.n)
+        keys, under, upto, edge = np.empty(size, b.ukind), np.empty(size, bool), np.empty(size, bool), np.empty(size, bool)
+        below = at_lo = at_hi = 0
+        parts: list[np.ndarray] = []
+        for start in range(0, b.n, chunk):
+            end = min(b.n, start + chunk)
+            k_ = b.keys(start, end, keys, check=True, sparsifier=sparsifier)
+            u, s, e = under[: end - start], upto[: end - start], edge[: end - start]
+            np.less(k_, lo, out=u)
+            n_u = int(np.count_nonzero(u))
+            below += n_u
+            if lo == hi:  # the bracket is one key: count it
+                np.less_equal(k_, hi, out=s)
+                at_lo += int(np.count_nonzero(s)) - n_u
+                continue
+            np.less_equal(k_, hi - 1 if mass_hi else hi, out=s)
+            if mass_hi:
+                np.less_equal(k_, hi, out=e)
+                at_hi += int(np.count_nonzero(e)) - int(np.count_nonzero(s))
+            if mass_lo:
+                np.less_equal(k_, lo, out=e)
+                at_lo += int(np.count_nonzero(e)) - n_u
+                u = e
+            np.logical_xor(s, u, out=s)  # inside the bracket, edges counted apart
+            part = k_[np.flatnonzero(s)]  # faster than k_[s] (measured), and ~2 % of the keys
+            held += part.size
+            if held > cap:
+                raise _Miss
+            parts.append(part)
+        b.below, b.lo, b.hi, b.at_lo, b.at_hi = below, lo, hi, at_lo, at_hi
+        b.band = np.concatenate(parts) if parts else np.empty(0, b.ukind)
+
+
+#: Elements per piece of the census and the apply pass: a few arrays of it stay in L2.
+_CHUNK: Final = 1 << 16
+
+
+def _decide(group: Sequence[_Bits], k: int) -> list[_Cut]:
+    """Step 3 for ``group``: prune its ``k`` lowest keys, ties by position (tensor order first)."""
+    total = sum(b.n for b in group)
+    k = min(max(k, 0), total)
+    if k == 0:
+        return [_Cut(-1, 0, 0) for _ in group]
+    if k == total:
+        return [_Cut(1 << 40, 0, 0) for _ in group]
+    below = sum(b.below for b in group)
+    if not below < k <= below + sum(b.inside() for b in group):
+        if k == below:  # the cut is the bracket's lower edge: the keys below lo, no more
+            lo = group[0].lo
+            return [_Cut(lo, 0, b.eq(lo)) for b in group]
+        raise _Miss
+    r = k - below
+    at_lo = sum(b.at_lo for b in group)
+    band = np.concatenate([b.band for b in group]) if len(group) > 1 else group[0].band
+    if r <= at_lo:
+        t = group[0].lo
+    elif r - at_lo <= band.size:
+        t = int(np.partition(band, r - at_lo - 1)[r - at_lo - 1])
+    else:
+        t = group[0].hi
+    left = r - sum(b.lt(t) for b in group)  # ties of key t to prune, earliest first
+    cuts = []
+    for b in group:
+        ties = b.eq(t)
+        take = min(ties, left)
+        left -= take
+        cuts.append(_Cut(t, take, ties))
+    return cuts
+
+
+def _decide_bounded(group: Sequence[_Bits], target: float, spec: Any, floors: Sequence[int], sparsifier: str) -> list[_Cut]:
+    """:func:`_decide` with each tensor's pruned count inside its bounds: the rounds of
+    :func:`~sparsity_core._bounds.select_bounded`, on counts. A tensor fixed at a bound far from
+    the group's cut (a head of tiny weights held at its cap) gets a census of its own: one more
+    read of that tensor, not of the group."""
+    from .._bounds import bounds
+
+    numels = [b.n for b in group]
+    lo, hi = bounds(spec, numels, floors, target)
+    if all(l_ == 0 for l_ in lo) and all(h >= n for h, n in zip(hi, numels)):
+        return _decide(group, round(target))
+    target = min(max(target, float(sum(lo))), float(sum(hi)))
+    cuts: list[_Cut | None] = [None] * len(group)
+    active = list(range(len(group)))
+    while active:
+        chosen = _decide([group[i] for i in active], round(target))
+        for i, c in zip(active, chosen):
+            cuts[i] = c
+        counts = {i: c.pruned(group[i]) for i, c in zip(active, chosen)}
+        over = {i: counts[i] - hi[i] for i in active if counts[i] > hi[i]}
+        under = {i: lo[i] - counts[i] for i in active if counts[i] < lo[i]}
+        if not over and not under:
+            break
+        fix, bound = (over, hi) if sum(over.values()) >= sum(under.values()) else (under, lo)
+        for i in fix:
+            try:
+                (c,) = _decide([group[i]], round(bound[i]))
+            except _Miss:  # its bound is far from the group's cut: a census of this tensor alone
+                _census([group[i]], round(bound[i]), sparsifier)
+                (c,) = _decide([group[i]], round(bound[i]))
+            cuts[i] = c
+            target -= c.pruned(group[i])
+        active = [i for i in active if i not in fix]
+        target = max(target, 0.0)
+    return [c for c in cuts if c is not None]
+
+
+def _apply(bits: _Bits, cut: _Cut, mask: np.ndarray, apply: bool, packed: np.ndarray | None = None) -> None:
+    """Step 4 for one tensor: the keep mask into ``mask`` (flat bool), and the weights multiplied
+    by it in the same pass when ``apply``. With ``packed`` (uint8, 1 bit per element, NumPy's
+    little bit order), ``mask`` is a buffer of one piece and each piece is packed there as it is
+    made: no bool mask of the whole tensor."""
+    mode = "keep" if cut.t < 0 else "prune" if cut.t > _maxkey(bits) else "cut"
+    if packed is None and mode != "cut":
+        mask.fill(mode == "keep")
+        if mode == "prune" and apply:
+            bits.bits.fill(0)
+        return
+    chunk = max(8, min(kernels.CHUNK, _CHUNK) // 8 * 8)  # whole bytes of the packed mask
+    keys = np.empty(min(chunk, bits.n), bits.ukind)
+    # keep > t while this tensor still prunes ties of key t, then keep >= t (i.e. > t - 1)
+    left = cut.ties if cut.ties < cut.all_ties else 0
+    t = cut.t if left or cut.ties == cut.all_ties else cut.t - 1
+    for start in range(0, bits.n, chunk):
+        end = min(bits.n, start + chunk)
+        m = mask[start:end] if packed is None else mask[: end - start]
+        if mode == "cut":
+            k = bits.keys(start, end, keys)
+            np.greater(k, t, out=m)
+            if left:
+                tied = np.flatnonzero(k == cut.t)
+                if tied.size >= left:
+                    m[tied[left:]] = True
+                    left, t = 0, cut.t - 1
+                else:
+                    left -= tied.size
+        else:
+            m.fill(mode == "keep")
+        if apply and mode != "keep":
+            x = bits.bits[start:end]
+            np.multiply(x, m.view(np.uint8), out=x, casting="unsafe")
+        if packed is not None:
+            packed[start >> 3 : (end + 7) >> 3] = np.packbits(m, bitorder="little")
+
+
+def select_group(
+    sparsifier: Any,
+    names: Sequence[str],
+    tensors: Sequence[Tensor],
+    keeps: Sequence[Tensor | None],
+    target: float,
+    apply: bool,
+    spec: Any = None,
+    floors: Sequence[int] | None = None,
+    packed: bool = False,
+) -> Iterator[Tensor | PackedMask] | None:
+    """Keep masks for ``tensors`` (one layer-scope tensor, or a global group with ``spec`` and
+    ``floors`` for its per-tensor bounds) pruning ``target`` elements, the weights masked in the
+    same pass when ``apply``; None when the bracket misses (nothing was written).
+
+    The cut is decided here; the masks come one tensor at a time from the returned iterator, each
+    made (and its tensor masked) when it is asked for, so a caller that hands each one over (or
+    packs it) before asking for the next never holds every tensor's bool mask at once."""
+    keeps = [_bool(k) for k in keeps]
+    nested = any(_prunes(k) for k in keeps)
+    group = [_Bits(n, t, k, nested) for n, t, k in zip(names, tensors, keeps)]
+    total = sum(b.n for b in group)
+    k = min(max(round(target), 0), total)
+    try:
+        if 0 < k < total:
+            _census(group, k, sparsifier.name)
+        else:  # nothing to bracket, but NaN and inf are refused as on the general path
+            _check(group, sparsifier.name)
+        if spec is None:
+            cuts = _decide(group, k)
+        else:
+            cuts = _decide_bounded(group, target, spec, floors or [0] * len(group), sparsifier.name)
+    except _Miss:
+        return None
+    return _masks(group, cuts, tensors, apply, packed)
+
+
+def _masks(group: Sequence[_Bits], cuts: Sequence[_Cut], tensors: Sequence[Tensor], apply: bool, packed: bool) -> Iterator[Tensor | PackedMask]:
+    piece = np.empty(min(max(b.n for b in group), _CHUNK), bool) if packed else None
+    for b, c, t in zip(group, cuts, tensors):
+        if piece is None:
+            mask = torch.empty(t.shape, dtype=torch.bool)
+            _apply(b, c, mask.view(-1).numpy(), apply)
+            yield mask
+        else:
+            data = torch.empty(packed_size(b.n), dtype=torch.uint8)
+            _apply(b, c, piece, apply, data.numpy())
+            yield PackedMask(data, t.shape)
+
+
+def _bool(keep: Any) -> Tensor | None:
+    """A mask in force as bool: a packed one (``PackedMask``) is unpacked, one tensor's worth."""
+    return keep.to_bool() if keep is not None and not isinstance(keep, torch.Tensor) else keep
+
+
+def _prunes(keep: Tensor | None) -> bool:
+    return keep is not None and not bool(keep.all())
+
+
+def _check(group: Sequence[_Bits], sparsifier: str) -> None:
+    for b in group:
+        keys = np.empty(min(kernels.CHUNK, b.n), b.ukind)
+        for start in range(0, b.n, kernels.CHUNK):
+            b.keys(start, min(b.n, start + kernels.CHUNK), keys, check=True, sparsifier=sparsifier)
+
+
+def nm_keep(name: str, tensor: Tensor, keep: Tensor | None, m: int, prune: int, mask: np.ndarray, apply: bool, sparsifier: str) -> None:
+    """N:M over flat runs of ``m`` (``m <= 8``): in each, keep all but the ``prune`` lowest keys
+    (ties: the earlier is pruned first) into ``mask`` (flat bool), the weights masked piece by
+    piece when ``apply``. The ranks of :func:`~.kernels.rank_keep`, on keys."""
+    from .kernels import _rank_keep_flat
+
+    keep = _bool(keep)
+    bits = _Bits(name, tensor, keep, _prunes(keep))
+    step = max(m, min(kernels.CHUNK, _CHUNK) // m * m)
+    keys = np.empty(min(step, bits.n), bits.ukind)
+    for start in range(0, bits.n, step):
+        end = min(bits.n, start + step)
+        k = bits.keys(start, end, keys, check=True, sparsifier=sparsifier)
+        out = mask[start:end]
+        _rank_keep_flat(k, m, prune, out)
+        if apply:
+            x = bits.bits[start:end]
+            np.multiply(x, out.view(np.uint8), out=x, casting="unsafe")
