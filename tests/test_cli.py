@@ -120,4 +120,5 @@ def test_show_says_what_a_sparsifier_declares():
     assert caps["gradients"] is True and caps["calibration"] is False
     text = run("show", "sparsegpt").stdout
     assert "capabilities" in text and "reconstruction" in text and "layer kinds" in text
-    assert "none (scores weights alone" in run("show", "magnitude").stdout
+    assert "capabilities: shard_safe" in run("show", "magnitude").stdout
+    assert "none (scores weights alone" in run("show", "data_norm").stdout
