@@ -142,7 +142,8 @@ def main() -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not lines:
-        print(f"torch.nn.utils.prune.global_unstructured: subprocess died (exit {done.returncode}): "
+        why = "killed by SIGKILL: the kernel's OOM killer, most likely" if done.returncode == -9 else f"exit {done.returncode}"
+        print(f"torch.nn.utils.prune.global_unstructured: subprocess died ({why}): "
               f"{done.stderr.strip().splitlines()[-1:]}")
         return
     r = json.loads(lines[-1])
