@@ -16,6 +16,7 @@ from sparsity_core._engine import score_masks
 from sparsity_core._layers import TensorLayout
 from sparsity_core._shards import Shard, Shards
 from sparsity_core.testing import RankFailed, SimulatedRanks, chunk_rows, shard_rows
+from sparsity_core.testing._ranks import rank_view
 
 CONV1D = TensorLayout("conv1d", output_axis=1, input_axis=0)  # transformers' Conv1D: [in, out]
 
@@ -57,17 +58,7 @@ def run_sharded(
     locals_: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
 
     def update(comm) -> dict[str, torch.Tensor]:
-        local, cur, shards = {}, {}, {}
-        for n, t in tensors.items():
-            if n in rows:
-                local[n], offset = shard_rows(t, rows[n])[comm.rank]
-                shards[n] = Shard(t.shape, offset)
-                if n in current:
-                    cur[n] = shard_rows(current[n], rows[n])[comm.rank][0]
-            else:
-                local[n] = t.clone()
-                if n in current:
-                    cur[n] = current[n].clone()
+        local, cur, shards = rank_view(tensors, rows, current, comm.rank)
         locals_[comm.rank] = local
         if packed:  # the controller's masks in force, 1 bit per weight
             from sparsity_core._bits import MaskView, PackedMask

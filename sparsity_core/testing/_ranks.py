@@ -28,6 +28,8 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch import Tensor
 
+from .._shards import Shard
+
 T = TypeVar("T")
 
 
@@ -153,6 +155,27 @@ def chunk_rows(n: int, world_size: int) -> list[int]:
     return [max(0, min(size, n - r * size)) for r in range(world_size)]
 
 
+def rank_view(
+    tensors: Mapping[str, Tensor], rows: Mapping[str, Sequence[int]], current: Mapping[str, Tensor], rank: int
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Shard]]:
+    """What ``rank`` holds: its rows of the tensors (and current masks) named in ``rows`` (each
+    rank's row count, see :func:`chunk_rows`), copies of the others, and where its rows sit."""
+    local: dict[str, Tensor] = {}
+    cur: dict[str, Tensor] = {}
+    shards: dict[str, Shard] = {}
+    for n, t in tensors.items():
+        if n in rows:
+            local[n], offset = shard_rows(t, rows[n])[rank]
+            shards[n] = Shard(t.shape, offset)
+            if n in current:
+                cur[n] = shard_rows(current[n], rows[n])[rank][0]
+        else:
+            local[n] = t.clone()
+            if n in current:
+                cur[n] = current[n].clone()
+    return local, cur, shards
+
+
 def masks_on_shards(
     sparsifier: Any,
     tensors: Mapping[str, Tensor],
@@ -174,7 +197,7 @@ def masks_on_shards(
 
     Also returns the ranks (``ranks.collectives``: the collectives each made)."""
     from .._contract import MaskContext
-    from .._shards import Shard, Shards
+    from .._shards import Shards
 
     sizes = {len(r) for r in rows.values()}
     if len(sizes) != 1:
@@ -184,17 +207,7 @@ def masks_on_shards(
     ranks: SimulatedRanks[dict[str, Tensor]] = SimulatedRanks(world, timeout=timeout)
 
     def update(comm: SimulatedCommunicator) -> dict[str, Tensor]:
-        local, cur, shards = {}, {}, {}
-        for n, t in tensors.items():
-            if n in rows:
-                local[n], offset = shard_rows(t, rows[n])[comm.rank]
-                shards[n] = Shard(t.shape, offset)
-                if n in current:
-                    cur[n] = shard_rows(current[n], rows[n])[comm.rank][0]
-            else:
-                local[n] = t.clone()
-                if n in current:
-                    cur[n] = current[n].clone()
+        local, cur, shards = rank_view(tensors, rows, current, comm.rank)
         context = MaskContext(current=cur, layouts=dict(layouts or {}), shards=Shards(comm, shards))
         masks = sparsifier.compute_masks(local, levels, context)
         return {n: m for n, m in masks.items()}
