@@ -26,6 +26,7 @@ from torch import nn
 from ._api import resolve_class
 from ._calibration import Sequential, find_blocks
 from ._base import Scheduler, Sparsifier, validate_spec
+from ._bits import PackedMask
 from ._controller import SparsityController
 from ._report import SparsityReport
 from ._specs import SchedulerSpec, SparsifierSpec
@@ -171,7 +172,8 @@ def _sync_masks(trainer: pl.Trainer, controller: SparsityController) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     device = trainer.strategy.root_device if dist.get_backend() == "nccl" else torch.device("cpu")
-    local = torch.cat([controller.masks[n].reshape(-1) for n in names]).to(device=device, dtype=torch.uint8)
+    packed = controller.masks.packed()  # the bits as held: a byte per 8 weights on the wire
+    local = torch.cat([packed[n].data for n in names]).to(device=device)
     synced = local.clone()
     dist.broadcast(synced, src=0)
     differs = torch.tensor([int(not torch.equal(local, synced))], device=device)
@@ -179,16 +181,17 @@ def _sync_masks(trainer: pl.Trainer, controller: SparsityController) -> None:
     if not differs.item() and not controller.sparsifier.capabilities.reconstruction:
         return
     # Some rank's own masks already zeroed weights that rank 0 keeps: take rank 0's values too.
-    masks, offset = {}, 0
+    masks, offset = dict(packed), 0
     for name in names:
         tensor = controller.tensors[name]
-        masks[name] = synced[offset : offset + tensor.numel()].view(tensor.shape).to(device=tensor.device, dtype=torch.bool)
-        offset += tensor.numel()
+        size = packed[name].data.numel()
+        masks[name] = PackedMask(synced[offset : offset + size].to(packed[name].device, copy=True), packed[name].shape)
+        offset += size
         buffer = tensor.detach().to(device).contiguous()
         dist.broadcast(buffer, src=0)
         with torch.no_grad():
             tensor.copy_(buffer)
-    controller.masks = {**controller.masks, **masks}  # replaced, never changed in place (state_dict shares them)
+    controller.masks = masks  # replaced, never changed in place (state_dict shares them)
     controller.apply_masks()
 
 
