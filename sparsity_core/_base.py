@@ -6,11 +6,12 @@ CLI, ``list_sparsifiers()``) stays fast; the tensor work lives in :mod:`sparsity
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -316,6 +317,23 @@ class ScoreSparsifier(Sparsifier):
     def score(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Importance of each element of ``tensor`` (same shape; higher = more important)."""
 
+    def first_index(self, name: str) -> int:
+        """The flat index, in the whole tensor ``name``, of the first element of the tensor
+        :meth:`score` is given: 0, unless it is one rank's rows of a sharded tensor (FSDP2). A
+        score drawn by position draws element ``i`` by ``first_index(name) + i`` to be shard-safe
+        (see the built-in ``random``)."""
+        shard = self.__dict__.get("_shards_now", {}).get(name)
+        return 0 if shard is None else shard.offset * math.prod(shard.global_shape[1:])
+
+    @contextlib.contextmanager
+    def _scoring(self, context: MaskContext | None) -> Iterator[None]:
+        """While masks are made: where each sharded tensor's rows start (:meth:`first_index`)."""
+        self.__dict__["_shards_now"] = {} if context is None or context.shards is None else context.shards.tensors
+        try:
+            yield
+        finally:
+            self.__dict__.pop("_shards_now", None)
+
     def compute_masks(
         self,
         tensors: Mapping[str, torch.Tensor],
@@ -324,7 +342,8 @@ class ScoreSparsifier(Sparsifier):
     ) -> dict[str, torch.Tensor]:
         from ._engine import score_masks
 
-        return score_masks(self, tensors, levels, context=context)
+        with self._scoring(context):
+            return score_masks(self, tensors, levels, context=context)
 
     def masks_applied(
         self,
@@ -335,7 +354,8 @@ class ScoreSparsifier(Sparsifier):
     ) -> dict[str, torch.Tensor]:
         from ._engine import score_masks
 
-        return score_masks(self, tensors, levels, applied, context=context)
+        with self._scoring(context):
+            return score_masks(self, tensors, levels, applied, context=context)
 
 
 class Scheduler(_Implementation):

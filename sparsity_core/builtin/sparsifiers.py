@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-import math
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
 from .._base import ScoreSparsifier, Sparsifier
-from .._contract import Capabilities, MaskContext
+from .._contract import Capabilities
 from .._specs import ScoreSpec, SparsifierSpec
 
 if TYPE_CHECKING:
     import torch
-
-    from .._shards import Shard
 
 
 class Magnitude(ScoreSparsifier):
@@ -121,39 +117,7 @@ class Random(ScoreSparsifier):
     def score(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         # crc32, not hash(): Python salts str hashes per process, and every DDP rank must agree.
         key = zlib.crc32(f"{self.spec.seed}\0{name}".encode())
-        shard = self._shards.get(name)
-        start = 0 if shard is None else shard.offset * math.prod(shard.global_shape[1:])
-        return uniform_at(key, start, tensor.numel(), tensor.device).view(tensor.shape)
-
-    @property
-    def _shards(self) -> Mapping[str, Shard]:
-        return self.__dict__.get("_shards_now", {})
-
-    @contextlib.contextmanager
-    def _rows_of(self, context: MaskContext | None) -> Iterator[None]:
-        """While masks are made: where each sharded tensor's rows start, so that :meth:`score`
-        draws them by their global index."""
-        self.__dict__["_shards_now"] = {} if context is None or context.shards is None else context.shards.tensors
-        try:
-            yield
-        finally:
-            self.__dict__.pop("_shards_now", None)
-
-    def compute_masks(
-        self, tensors: Mapping[str, torch.Tensor], levels: Mapping[str, float], context: MaskContext | None = None
-    ) -> dict[str, torch.Tensor]:
-        with self._rows_of(context):
-            return super().compute_masks(tensors, levels, context)
-
-    def masks_applied(
-        self,
-        tensors: Mapping[str, torch.Tensor],
-        levels: Mapping[str, float],
-        applied: dict[str, torch.Tensor] | None,
-        context: MaskContext | None = None,
-    ) -> dict[str, torch.Tensor]:
-        with self._rows_of(context):
-            return super().masks_applied(tensors, levels, applied, context)
+        return uniform_at(key, self.first_index(name), tensor.numel(), tensor.device).view(tensor.shape)
 
 
 class DataNormSpec(SparsifierSpec):

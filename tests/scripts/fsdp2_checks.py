@@ -191,7 +191,7 @@ def random_scores_are_the_slice_of_the_whole_draw() -> bool | str:
     plain = gathered(m)
     whole = dict(plain.named_parameters())
     for name, s in c.shards.items():
-        with c.sparsifier._rows_of(MaskContext(shards=Shards(c.comm, {name: s.shard}))):
+        with c.sparsifier._scoring(MaskContext(shards=Shards(c.comm, {name: s.shard}))):
             mine = c.sparsifier.score(name, c.local(name))
         rows = c.sparsifier.score(name, whole[name].detach())[s.shard.offset : s.shard.offset + s.rows]
         if not torch.equal(mine, rows):
