@@ -4,7 +4,8 @@ The fast path runs where masks are applied as they are chosen (``score_masks`` g
 the controller's step, one-shot ``sparsify``); the general path (``compute_masks``, float32 scores)
 is the reference: the very same masks in fp32, bf16 and fp16, ties by position (``-0.0`` ties
 with ``0.0``), nested masks, global groups with per-tensor bounds, NaN and inf refused before
-anything is written.
+anything is written. Every test runs on each set of kernels: NumPy, the compiled ones (``native``:
+AVX2 loops where the CPU has them) and the compiled portable C loops.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sparsity_core._engine as engine
 from sparsity_core import ScoreSparsifier, create_sparsifier
 from sparsity_core._bits import PackedMask
 from sparsity_core._contract import MaskContext
-from sparsity_core._engine import magnitude, score_masks
+from sparsity_core._engine import magnitude, native, score_masks
 from sparsity_core.builtin.sparsifiers import Magnitude
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -39,6 +40,16 @@ def weights(seed: int, dtype: torch.dtype, zeros: float = 0.0, levels: int = 0) 
             t[z] = torch.where(torch.rand(shape, generator=g) < 0.5, -0.0, 0.0)[z]
         out[name] = t.to(dtype)
     return out
+
+
+@pytest.fixture(autouse=True, params=["numpy", "native", "native-portable"])
+def kernel_set(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The magnitude path's kernels under test (see the module docstring)."""
+    if request.param != "numpy" and not native.AVAILABLE:
+        pytest.skip("the compiled kernels were not built (no C compiler at install)")
+    monkeypatch.setattr(engine.kernels, "NATIVE_KERNELS", request.param != "numpy")
+    monkeypatch.setattr(engine.kernels, "NATIVE_SIMD", request.param == "native")
+    return request.param
 
 
 @pytest.fixture

@@ -30,6 +30,13 @@ Tensor = torch.Tensor
 NUMPY_KERNELS: bool = True
 
 
+#: Whether the magnitude path (:mod:`.magnitude`) takes the compiled kernels (:mod:`.native`)
+#: where they were built; off, its NumPy kernels (the same masks). Tests run both.
+NATIVE_KERNELS: bool = True
+#: Whether the compiled kernels may take their AVX2 loops (off: their portable C loops).
+NATIVE_SIMD: bool = True
+
+
 def _numpy_kernels(t: Tensor) -> bool:
     """Whether ``t`` takes the NumPy kernels (the one "NumPy or torch?" decision, see :data:`NUMPY_KERNELS`)."""
     return t.is_cpu and NUMPY_KERNELS

@@ -53,7 +53,7 @@ from typing import Any, Final
 import numpy as np
 import torch
 
-from . import kernels
+from . import kernels, native
 from .._bits import PackedMask, packed_size
 from .kernels import Tensor, _numpy_kernels
 
@@ -92,7 +92,7 @@ def eligible(sparsifier: object, tensor: Tensor) -> bool:
 class _Bits:
     """One tensor seen as keys: its integer view, its current keep mask (nested policy) if any."""
 
-    __slots__ = ("at_hi", "at_lo", "band", "below", "bits", "hi", "inf", "keep", "lo", "mag", "n", "name", "shift", "ukind")
+    __slots__ = ("at", "at_hi", "at_lo", "band", "below", "bits", "hi", "inf", "keep", "lo", "mag", "n", "name", "shift", "slab", "ukind")
 
     def __init__(self, name: str, tensor: Tensor, keep: Tensor | None, shift: bool) -> None:
         view, self.ukind, self.mag, self.inf = _KEYS[tensor.dtype]
@@ -108,6 +108,9 @@ class _Bits:
         # keys themselves, but a mass of ties at either edge only counted: at_lo, at_hi)
         self.below = self.lo = self.hi = self.at_lo = self.at_hi = 0
         self.band: np.ndarray = np.empty(0, self.ukind)
+        # where the band lies when the compiled census wrote it: slab[at : at + band.size]
+        self.slab: np.ndarray | None = None
+        self.at = 0
 
     def inside(self) -> int:
         return self.at_lo + self.band.size + self.at_hi
@@ -123,10 +126,7 @@ class _Bits:
         k = out[: end - start]
         np.bitwise_and(self.bits[start:end].view(self.ukind), self.mag, out=k)
         if check and k.size and int(k.max()) >= self.inf:
-            raise ValueError(
-                f"tensor {self.name!r} has NaN or inf values (or importance scores): cannot choose "
-                f"a mask for it; check the weights (sparsifier {sparsifier!r})"
-            )
+            raise _not_finite(self.name, sparsifier)
         if self.shift:
             k += 1
             if self.keep is not None:
@@ -140,6 +140,13 @@ class _Bits:
             if self.keep is not None:
                 k = (k * self.keep[index]).astype(self.ukind)
         return k
+
+
+def _not_finite(name: str, sparsifier: str) -> ValueError:
+    return ValueError(
+        f"tensor {name!r} has NaN or inf values (or importance scores): cannot choose "
+        f"a mask for it; check the weights (sparsifier {sparsifier!r})"
+    )
 
 
 class _Cut:
@@ -179,7 +186,7 @@ def _census(group: Sequence[_Bits], k: int, sparsifier: str) -> None:
     edges = np.cumsum([0] + [b.n for b in group])
     cuts = np.searchsorted(index, edges)
     sample = np.concatenate([b.sample(index[cuts[i] : cuts[i + 1]] - edges[i]) for i, b in enumerate(group)])
-    sample.sort()
+    sample.sort(kind="stable" if sample.itemsize == 2 else "quicksort")  # 16-bit keys: NumPy's radix sort
     q = k / total
     spread = kernels.Z * math.sqrt(n_sample * q * (1 - q))
     lo_rank, hi_rank = math.floor(q * n_sample - spread) - 1, math.ceil(q * n_sample + spread) + 1
@@ -190,6 +197,15 @@ def _census(group: Sequence[_Bits], k: int, sparsifier: str) -> None:
     mass_lo = lo < hi and np.searchsorted(sample, lo, "right") - np.searchsorted(sample, lo, "left") > mass
     mass_hi = lo < hi and np.searchsorted(sample, hi, "right") - np.searchsorted(sample, hi, "left") > mass
     cap = max(1 << 16, total // 8)
+    if native.enabled():
+        # room for twice the keys the sample puts inside (a larger band, odds far below one in a
+        # million, takes a second census with room for all of ``cap``)
+        inside = int(np.searchsorted(sample, hi, "right") - np.searchsorted(sample, lo, "left"))
+        room = min(cap, 2 * inside * total // n_sample + (1 << 16))
+        if not _census_native(group, lo, hi, mass_lo, mass_hi, room, sparsifier):
+            if room == cap or not _census_native(group, lo, hi, mass_lo, mass_hi, cap, sparsifier):
+                raise _Miss
+        return
     held = 0
     chunk = min(kernels.CHUNK, _CHUNK)
     for b in group:
@@ -226,6 +242,32 @@ def _census(group: Sequence[_Bits], k: int, sparsifier: str) -> None:
         b.band = np.concatenate(parts) if parts else np.empty(0, b.ukind)
 
 
+def _census_native(group: Sequence[_Bits], lo: int, hi: int, mass_lo: bool, mass_hi: bool, room: int, sparsifier: str) -> bool:
+    """Step 2 in one compiled loop per tensor (:mod:`.native`): the same counts and bands as the
+    NumPy loop; False when the bands hold more than ``room`` keys. The bands are consecutive
+    slices of one buffer (see :func:`_joined`)."""
+    # the keys kept are [blo, bhi]: the bracket less an edge whose mass is counted (a one-key
+    # bracket is all counted: an empty band, blo > bhi)
+    blo, bhi = (1, 0) if lo == hi else (lo + mass_lo, hi - mass_hi)
+    buf = np.empty(room + 16, group[0].ukind)  # the compiled loop's stores run ahead of its checks
+    counts = np.empty(4, np.int64)
+    held = 0
+    for b in group:
+        counts.fill(0)
+        keep = None if b.keep is None else b.keep.view(np.uint8)
+        got = native.census(b.bits.view(b.ukind), keep, b.shift, b.mag, lo, blo, bhi, hi, buf[held:], room - held, counts)
+        if got < 0:
+            return False
+        if int(counts[3]) >= b.inf:
+            raise _not_finite(b.name, sparsifier)
+        b.below, b.lo, b.hi = int(counts[0]), lo, hi
+        b.at_lo = int(counts[1]) if lo == hi or mass_lo else 0
+        b.at_hi = int(counts[2]) if lo != hi and mass_hi else 0
+        b.band, b.slab, b.at = buf[held : held + got], buf, held
+        held += got
+    return True
+
+
 #: Elements per piece of the census and the apply pass: a few arrays of it stay in L2.
 _CHUNK: Final = 1 << 16
 
@@ -246,11 +288,15 @@ def _decide(group: Sequence[_Bits], k: int) -> list[_Cut]:
         raise _Miss
     r = k - below
     at_lo = sum(b.at_lo for b in group)
-    band = np.concatenate([b.band for b in group]) if len(group) > 1 else group[0].band
+    band = _joined(group)
     if r <= at_lo:
         t = group[0].lo
     elif r - at_lo <= band.size:
-        t = int(np.partition(band, r - at_lo - 1)[r - at_lo - 1])
+        # 16-bit keys come in runs of equal keys, on which NumPy's introselect slows down several
+        # times: they are counted instead; 32-bit ones are mostly distinct, where it is quickest
+        t = native.select(band, r - at_lo - 1) if native.enabled() and band.itemsize == 2 else -1
+        if t < 0:
+            t = int(np.partition(band, r - at_lo - 1)[r - at_lo - 1])
     else:
         t = group[0].hi
     left = r - sum(b.lt(t) for b in group)  # ties of key t to prune, earliest first
@@ -261,6 +307,19 @@ def _decide(group: Sequence[_Bits], k: int) -> list[_Cut]:
         left -= take
         cuts.append(_Cut(t, take, ties))
     return cuts
+
+
+def _joined(group: Sequence[_Bits]) -> np.ndarray:
+    """The keys of the group's bands as one array: a view where they lie one after another in one
+    buffer (as the compiled census leaves them), else a copy."""
+    if len(group) == 1:
+        return group[0].band
+    slab, at = group[0].slab, group[0].at
+    for b in group:
+        if slab is None or b.slab is not slab or b.at != at:
+            return np.concatenate([b.band for b in group])
+        at += b.band.size
+    return slab[group[0].at : at]
 
 
 def _decide_bounded(group: Sequence[_Bits], target: float, spec: Any, floors: Sequence[int], sparsifier: str) -> list[_Cut]:
@@ -306,36 +365,50 @@ def _apply(bits: _Bits, cut: _Cut, mask: np.ndarray, apply: bool, packed: np.nda
     little bit order), ``mask`` is a buffer of one piece and each piece is packed there as it is
     made: no bool mask of the whole tensor."""
     mode = "keep" if cut.t < 0 else "prune" if cut.t > _maxkey(bits) else "cut"
-    if packed is None and mode != "cut":
-        mask.fill(mode == "keep")
+    if mode != "cut":
+        if packed is None:
+            mask.fill(mode == "keep")
+        else:
+            _fill_packed(packed, bits.n, mode == "keep")
         if mode == "prune" and apply:
             bits.bits.fill(0)
         return
-    chunk = max(8, min(kernels.CHUNK, _CHUNK) // 8 * 8)  # whole bytes of the packed mask
-    keys = np.empty(min(chunk, bits.n), bits.ukind)
     # keep > t while this tensor still prunes ties of key t, then keep >= t (i.e. > t - 1)
     left = cut.ties if cut.ties < cut.all_ties else 0
     t = cut.t if left or cut.ties == cut.all_ties else cut.t - 1
+    if native.enabled():
+        out = packed if packed is not None else np.empty(packed_size(bits.n), np.uint8)
+        keep = None if bits.keep is None else bits.keep.view(np.uint8)
+        native.apply(bits.bits.view(bits.ukind), keep, bits.shift, bits.mag, t + 1, cut.t, left, apply, out)
+        if packed is None:
+            mask[:] = np.unpackbits(out, count=bits.n, bitorder="little").view(bool)
+        return
+    chunk = max(8, min(kernels.CHUNK, _CHUNK) // 8 * 8)  # whole bytes of the packed mask
+    keys = np.empty(min(chunk, bits.n), bits.ukind)
     for start in range(0, bits.n, chunk):
         end = min(bits.n, start + chunk)
         m = mask[start:end] if packed is None else mask[: end - start]
-        if mode == "cut":
-            k = bits.keys(start, end, keys)
-            np.greater(k, t, out=m)
-            if left:
-                tied = np.flatnonzero(k == cut.t)
-                if tied.size >= left:
-                    m[tied[left:]] = True
-                    left, t = 0, cut.t - 1
-                else:
-                    left -= tied.size
-        else:
-            m.fill(mode == "keep")
-        if apply and mode != "keep":
+        k = bits.keys(start, end, keys)
+        np.greater(k, t, out=m)
+        if left:
+            tied = np.flatnonzero(k == cut.t)
+            if tied.size >= left:
+                m[tied[left:]] = True
+                left, t = 0, cut.t - 1
+            else:
+                left -= tied.size
+        if apply:
             x = bits.bits[start:end]
             np.multiply(x, m.view(np.uint8), out=x, casting="unsafe")
         if packed is not None:
             packed[start >> 3 : (end + 7) >> 3] = np.packbits(m, bitorder="little")
+
+
+def _fill_packed(packed: np.ndarray, n: int, value: bool) -> None:
+    """All ``n`` bits of ``packed`` set to ``value`` (the pad bits of the last byte zero)."""
+    packed.fill(0xFF if value else 0)
+    if value and n % 8:
+        packed[-1] = (1 << (n % 8)) - 1
 
 
 def select_group(
@@ -404,21 +477,32 @@ def _check(group: Sequence[_Bits], sparsifier: str) -> None:
             b.keys(start, min(b.n, start + kernels.CHUNK), keys, check=True, sparsifier=sparsifier)
 
 
-def nm_keep(name: str, tensor: Tensor, keep: Tensor | None, m: int, prune: int, mask: np.ndarray, apply: bool, sparsifier: str) -> None:
+def nm_keep(name: str, tensor: Tensor, keep: Tensor | None, m: int, prune: int, apply: bool, sparsifier: str) -> Tensor | PackedMask:
     """N:M over flat runs of ``m`` (``m <= 8``): in each, keep all but the ``prune`` lowest keys
-    (ties: the earlier is pruned first) into ``mask`` (flat bool), the weights masked piece by
-    piece when ``apply``. The ranks of :func:`~.kernels.rank_keep`, on keys."""
+    (ties: the earlier is pruned first), the weights masked piece by piece when ``apply``. The
+    ranks of :func:`~.kernels.rank_keep`, on keys. With ``apply`` and the compiled kernels, the
+    mask comes packed (written 1 bit per weight in the same pass); otherwise as bool."""
     from .kernels import _rank_keep_flat
 
     keep = _bool(keep)
     bits = _Bits(name, tensor, keep, _prunes(keep))
+    if native.enabled():
+        packed = torch.empty(packed_size(bits.n), dtype=torch.uint8)
+        current = None if bits.keep is None else bits.keep.view(np.uint8)
+        if native.nm(bits.bits.view(bits.ukind), current, bits.shift, bits.mag, bits.inf, m, prune, apply, packed.numpy()) >= 0:
+            raise _not_finite(name, sparsifier)
+        mask = PackedMask(packed, tensor.shape)
+        return mask if apply else mask.to_bool()
+    out = torch.empty(tensor.shape, dtype=torch.bool)
+    flat = out.view(-1).numpy()
     step = max(m, min(kernels.CHUNK, _CHUNK) // m * m)
     keys = np.empty(min(step, bits.n), bits.ukind)
     for start in range(0, bits.n, step):
         end = min(bits.n, start + step)
         k = bits.keys(start, end, keys, check=True, sparsifier=sparsifier)
-        out = mask[start:end]
-        _rank_keep_flat(k, m, prune, out)
+        piece = flat[start:end]
+        _rank_keep_flat(k, m, prune, piece)
         if apply:
             x = bits.bits[start:end]
-            np.multiply(x, out.view(np.uint8), out=x, casting="unsafe")
+            np.multiply(x, piece.view(np.uint8), out=x, casting="unsafe")
+    return out

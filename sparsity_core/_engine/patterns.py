@@ -5,18 +5,20 @@ from __future__ import annotations
 import torch
 
 from . import kernels, magnitude
+from .._bits import PackedMask
 from .kernels import apply_mask_, rank_keep, Tensor, view2d
 from .units import Scorer
 
 
-def nm_mask(scorer: Scorer, n: int, m: int, level: float, apply: bool = False) -> Tensor:
+def nm_mask(scorer: Scorer, n: int, m: int, level: float, apply: bool = False) -> Tensor | PackedMask:
     """Keep ``n`` of every ``m`` consecutive weights along the reduction axis (the last dim of the
     matrix view, see :mod:`._layers`).
 
     At an intermediate ``level`` (gradual N:M) ``round(level * m)`` of each group are pruned, at
     most ``m - n``. A ragged tail of ``g < m`` columns prunes as many, at most ``g - n``.
     With ``apply``, each piece of the tensor is masked as soon as its mask is known, while it is
-    still in cache (a contiguous tensor in its natural layout; otherwise once at the end).
+    still in cache (a contiguous tensor in its natural layout; otherwise once at the end); the
+    magnitude path on the weights' bits then returns the mask packed (1 bit per weight).
     """
     tensor = scorer.tensor
     rows, cols = scorer.shape2d
@@ -24,13 +26,12 @@ def nm_mask(scorer: Scorer, n: int, m: int, level: float, apply: bool = False) -
     natural = scorer.layout.is_identity(tensor.dim())
     if prune <= 0:
         return torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device)
-    mask = torch.empty(rows, cols, dtype=torch.bool, device=tensor.device)
     full = cols // m * m
-    fused = apply and natural and tensor.is_contiguous()
     if full == cols and natural and m <= 8 and magnitude.eligible(scorer.sparsifier, tensor):
         # ranks on the weights' bits (see .magnitude): no float32 scores, bf16 and fp16 alike
-        magnitude.nm_keep(scorer.name, tensor, scorer.keep, m, prune, mask.view(-1).numpy(), apply, scorer.sparsifier.name)
-        return mask.view(tensor.shape)
+        return magnitude.nm_keep(scorer.name, tensor, scorer.keep, m, prune, apply, scorer.sparsifier.name)
+    mask = torch.empty(rows, cols, dtype=torch.bool, device=tensor.device)
+    fused = apply and natural and tensor.is_contiguous()
     if full == cols and natural:  # groups are runs of m in the flat tensor: score it in flat pieces
         out = mask.view(-1)
         step = max(m, kernels.CHUNK // m * m)

@@ -1,0 +1,110 @@
+"""The compiled magnitude kernels (``_bitkernels.c``), through ctypes, where they were built.
+
+The package builds them at install time when a C compiler is there (``setup.py``; the extension is
+optional). Without them, or with :data:`~.kernels.NATIVE_KERNELS` off, :mod:`.magnitude` runs
+its NumPy kernels, which give the same masks. :data:`AVAILABLE` says whether they loaded and
+:func:`simd` whether their AVX2 loops run on this CPU (the portable C loops run otherwise).
+
+Each wrapper takes NumPy arrays and plain integers and passes raw pointers: the arrays must be
+contiguous and stay alive for the call (they do: the callers hold them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from typing import Final
+
+import numpy as np
+
+from . import kernels
+
+_V, _I64, _INT, _U64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint64
+
+
+def _load() -> ctypes.CDLL | None:
+    try:
+        spec = importlib.util.find_spec("sparsity_core._engine._bitkernels")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    for width, key in ((16, ctypes.c_uint16), (32, ctypes.c_uint32)):
+        census = getattr(lib, f"sc_census{width}")
+        census.argtypes = [_V, _I64, _V, _INT, key, key, key, key, key, _V, _I64, _V, _INT]
+        census.restype = _I64
+        apply = getattr(lib, f"sc_apply{width}")
+        apply.argtypes = [_V, _I64, _V, _INT, key, _U64, key, _I64, _INT, _V, _INT]
+        apply.restype = None
+        nm = getattr(lib, f"sc_nm{width}")
+        nm.argtypes = [_V, _I64, _V, _INT, key, key, _INT, _INT, _INT, _V, _INT]
+        nm.restype = _I64
+    lib.sc_select16.argtypes = [_V, _I64, _I64]
+    lib.sc_select16.restype = _I64
+    lib.sc_simd.argtypes = []
+    lib.sc_simd.restype = _INT
+    return lib
+
+
+_LIB: Final = _load()
+
+#: Whether the compiled kernels loaded.
+AVAILABLE: Final = _LIB is not None
+
+
+def enabled() -> bool:
+    """Whether the magnitude path uses the compiled kernels now."""
+    return AVAILABLE and kernels.NATIVE_KERNELS
+
+
+def simd() -> bool:
+    """Whether the compiled kernels run their AVX2 loops on this CPU."""
+    return AVAILABLE and bool(_LIB.sc_simd())  # type: ignore[union-attr]
+
+
+def _ptr(a: np.ndarray | None) -> int | None:
+    return None if a is None else a.ctypes.data
+
+
+def _width(bits: np.ndarray) -> int:
+    return bits.dtype.itemsize * 8
+
+
+def census(
+    bits: np.ndarray, keep: np.ndarray | None, shift: bool, mag: int, lo: int, blo: int, bhi: int, hi: int,
+    band: np.ndarray, cap: int, counts: np.ndarray,
+) -> int:
+    """One read of ``bits`` (flat unsigned keys' source): adds keys ``< lo``, ``== lo``, ``== hi``
+    to ``counts[0:3]``, the largest sign-cleared key to ``counts[3]``; the keys in ``[blo, bhi]``
+    written to ``band`` (``cap + 16`` long). Returns how many, or -1 past ``cap``."""
+    fn = _LIB.sc_census16 if _width(bits) == 16 else _LIB.sc_census32  # type: ignore[union-attr]
+    return int(
+        fn(_ptr(bits), bits.size, _ptr(keep), int(shift), mag, lo, blo, bhi, hi, _ptr(band), cap, _ptr(counts), int(kernels.NATIVE_SIMD))
+    )
+
+
+def apply(bits: np.ndarray, keep: np.ndarray | None, shift: bool, mag: int, t_keep: int, tcut: int, left: int, write: bool, packed: np.ndarray) -> None:
+    """One read (and write, with ``write``) of ``bits``: keep keys ``>= t_keep``, but while
+    ``left`` ties of key ``tcut`` are still to go, the earliest of them are pruned (and then keys
+    ``>= tcut`` kept); the keep bits into ``packed``; pruned weights zeroed when ``write``."""
+    fn = _LIB.sc_apply16 if _width(bits) == 16 else _LIB.sc_apply32  # type: ignore[union-attr]
+    fn(_ptr(bits), bits.size, _ptr(keep), int(shift), mag, t_keep, tcut, left, int(write), _ptr(packed), int(kernels.NATIVE_SIMD))
+
+
+def nm(bits: np.ndarray, keep: np.ndarray | None, shift: bool, mag: int, inf: int, m: int, prune: int, write: bool, packed: np.ndarray) -> int:
+    """N:M over runs of ``m`` of ``bits``: the keep bits into ``packed``, pruned weights zeroed
+    when ``write``. Returns -1, or the first element of a run holding NaN or inf (the runs before
+    it are written)."""
+    fn = _LIB.sc_nm16 if _width(bits) == 16 else _LIB.sc_nm32  # type: ignore[union-attr]
+    return int(fn(_ptr(bits), bits.size, _ptr(keep), int(shift), mag, inf, m, prune, int(write), _ptr(packed), int(kernels.NATIVE_SIMD)))
+
+
+def select(band: np.ndarray, r: int) -> int:
+    """The key of rank ``r`` (0-based) in ``band`` (16-bit keys, left as they are):
+    ``np.partition(band, r)[r]`` without the copy, in a few counting passes; -1 if its 256 KiB of
+    counts cannot be had."""
+    return int(_LIB.sc_select16(_ptr(band), band.size, r))  # type: ignore[union-attr]
