@@ -22,7 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(SC_PORTABLE)
 #define SC_X86 1
 #include <immintrin.h>
 #define AVX2 __attribute__((target("avx2,popcnt")))
@@ -537,7 +537,7 @@ AVX2 static int64_t nm32_avx2(uint32_t *x, int64_t n, const uint8_t *keep, int s
         int64_t at[2] = {0, (int64_t)t_keep};                                                               \
         if (n & 7) packed[n >> 3] = 0; /* the pad bits */                                                   \
         if (SC_X86 && simd && SC_HAVE_AVX2()) {                                                             \
-            SC_CALL_AVX2(apply##W##_avx2(x, n, keep, shift, mag, t_keep, tcut, &left, apply, packed, at));   \
+            (void)SC_CALL_AVX2(apply##W##_avx2(x, n, keep, shift, mag, t_keep, tcut, &left, apply, packed, at));   \
             t_keep = (uint64_t)at[1];                                                                       \
         }                                                                                                   \
         apply##W##_c(x, at[0], n, keep, shift, mag, t_keep, tcut, &left, apply, packed);                    \
@@ -554,7 +554,7 @@ AVX2 static int64_t nm32_avx2(uint32_t *x, int64_t n, const uint8_t *keep, int s
         int64_t at = 0;                                                                                     \
         if (n & 7) packed[n >> 3] = 0; /* the pad bits */                                                   \
         if (SC_X86 && simd && (m == 2 || m == 4 || m == 8) && SC_HAVE_AVX2())                               \
-            SC_CALL_AVX2(nm##W##_avx2(x, n, keep, shift, mag, inf, m, prune, apply, packed, &at));           \
+            (void)SC_CALL_AVX2(nm##W##_avx2(x, n, keep, shift, mag, inf, m, prune, apply, packed, &at));           \
         return nm##W##_c(x, at, n, keep, shift, mag, inf, m, prune, apply, packed);                         \
     }
 
@@ -563,7 +563,7 @@ AVX2 static int64_t nm32_avx2(uint32_t *x, int64_t n, const uint8_t *keep, int s
 #define SC_CALL_AVX2(call) call
 #else
 #define SC_HAVE_AVX2() 0
-#define SC_CALL_AVX2(call) 0
+#define SC_CALL_AVX2(call) 0 /* never reached: SC_HAVE_AVX2() is 0 */
 #endif
 
 SC_CENSUS(16)
