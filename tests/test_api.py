@@ -59,6 +59,25 @@ def test_report_prints_a_table_and_a_dict():
     assert as_dict["layers"][0] == {"name": "weight", "aliases": [], "shape": [10, 10], "numel": 100, "zeros": 30, "sparsity": 0.3}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.bool])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "large"])
+def test_the_report_counts_zeros_as_torch_does(dtype, layout):
+    """The report's count (through the weights' bits on CPU: -0.0 is a zero, NaN is not) equals
+    torch.count_nonzero in every dtype and layout, bf16 included."""
+    from sparsity_core._report import _count_nonzero
+
+    g = torch.Generator().manual_seed(1)
+    n = 700_001 if layout == "large" else 1000  # more than one piece of the counting loop
+    t = torch.randn(n, generator=g)
+    t[torch.rand(n, generator=g) < 0.3] = 0.0
+    t[torch.rand(n, generator=g) < 0.1] = -0.0
+    t[:3] = torch.tensor([float("nan"), float("inf"), 1e-30])  # 1e-30: a denormal or zero in 16 bits
+    t = t.to(dtype)
+    if layout == "strided":
+        t = t.view(-1, 10)[:, ::2]
+    assert _count_nonzero(t) == int(torch.count_nonzero(t))
+
+
 def test_bad_target_is_named():
     with pytest.raises(TypeError, match="nn.Module or a mapping"):
         sc.sparsify([torch.ones(3)], "magnitude")

@@ -30,7 +30,10 @@ Modules
 - :mod:`.selection`: :func:`select`, exact or bracketed, ties by position.
 - :mod:`.patterns`: N:M.
 - :mod:`.magnitude`: selection on the weights' bits for sparsifiers that rank like ``|w|``
-  (``ScoreSparsifier.ranks_like_magnitude``): fp32, bf16 and fp16, two passes, no float scores.
+  (``ScoreSparsifier.ranks_like_magnitude``): fp32, bf16 and fp16, two passes, no float scores;
+  each pass one compiled loop (:mod:`.native`, ``_bitkernels.c``) where the package was built
+  with a C compiler, NumPy otherwise.
+- :mod:`.native`: the compiled kernels through ctypes (:data:`~.native.AVAILABLE`).
 - :mod:`.data_norm`: the seed's ``data_norm`` sparsifier's masks.
 - :mod:`.masks`: :func:`score_masks`, the entry point, and :func:`check_masks`.
 - :mod:`.distributed`: the same masks from row shards (FSDP2 ``Shard(0)``, ``MaskContext.shards``),

@@ -42,6 +42,13 @@ controller's step, one-shot ``sparsify``: ``score_masks`` given ``applied``) on 
 kernels; ``compute_masks`` alone keeps the general path, which stays the reference this one is
 tested against (``tests/test_engine_magnitude.py``). float64 stays on the general path: its
 float32 scores round, so their order is not ``|w|``'s.
+
+Each pass runs in one of two ways with the same results: one compiled loop per tensor
+(:mod:`.native`: ``_bitkernels.c``, AVX2 where the CPU has it; the census then stores the
+bracket's keys branch-free, and the apply pass writes the mask packed and the weights in the same
+vector step), or NumPy operations on pieces of :data:`_CHUNK` elements where the package was
+installed without a C compiler (or :data:`~.kernels.NATIVE_KERNELS` is off). The compiled passes
+run at about one pass over the weights each; the NumPy census costs 4-7 passes.
 """
 
 from __future__ import annotations
