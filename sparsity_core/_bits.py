@@ -38,6 +38,8 @@ _COUNT_BYTES: Final = 1 << 16
 #: dtypes zeroed through an integer view of the same width: (NumPy has no bf16; its fp16 is slow).
 _INT_VIEWS: Final = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
 _NUMPY_FLOATS: Final = (torch.float32, torch.float64)
+#: dtypes the compiled kernels mask through their bits (``_engine/native.py``)
+_BIT_VIEWS: Final = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
 def packed_size(numel: int) -> int:
@@ -51,6 +53,13 @@ def _numpy(t: Tensor) -> bool:
     from ._engine import kernels  # the engine imports this module: bound at call time
 
     return t.is_cpu and kernels.NUMPY_KERNELS
+
+
+def _native() -> bool:
+    """Whether the engine's compiled kernels are built and switched on (``engine.native``)."""
+    from ._engine import native
+
+    return native.enabled()
 
 
 def _shifts(device: torch.device) -> Tensor:
@@ -176,6 +185,12 @@ class PackedMask:
             t.mul_(self.to_bool().to(t.device))
             return
         data = self.data if self.device == t.device else self.data.to(t.device)
+        if _numpy(t) and t.dtype in _BIT_VIEWS and _native():
+            # one compiled read+write pass over the weights' bits (pruned: +0): no unpacked piece
+            from ._engine import native
+
+            native.mask(t.view(_BIT_VIEWS[t.dtype]).numpy().reshape(-1), data.numpy())
+            return
         if _numpy(t) and (t.dtype in _NUMPY_FLOATS or t.dtype in _INT_VIEWS):
             view = t.view(_INT_VIEWS[t.dtype]) if t.dtype in _INT_VIEWS else t
             flat, bits = view.numpy().reshape(-1), data.numpy()

@@ -17,7 +17,7 @@ from ._api import Args, create_scheduler, create_sparsifier
 from ._base import Scheduler, Sparsifier
 from ._bits import MaskView, PackedMask, packed_size
 from ._contract import MaskContext, Reconstruction, accepts_context
-from ._engine import apply_mask_, check_masks
+from ._engine import apply_mask_, check_masks, kernels, native
 from ._report import Row, SparsityReport
 from ._shards import Communicator, Shards
 from ._targets import select_tensors
@@ -30,14 +30,19 @@ SPOT_CHECK = 1024
 SMALL_TENSOR = 4096
 #: While an optimizer is attached (masks applied to the weights after every step, or to the
 #: gradients at every backward), the masks of these tensors are also held unpacked (one byte per
-#: weight, as before 1-bit masks): there a multiply by a bool mask measured faster than unpacking
-#: each step (fp32 on CPU, 100M parameters: packed 1.06-1.45x the bool multiply; benchmarks/masks.py;
-#: on accelerators a guess, unmeasured: torch unpacks in several kernels). Everywhere else (CPU
-#: bf16/fp16, where the packed path zeroes through a 16-bit integer view and measured 5.6-7x
-#: faster than torch's bool multiply) the packed masks are applied directly and no byte-per-weight
-#: copy exists.
+#: weight, as before 1-bit masks) where a multiply by a bool mask measured faster than applying
+#: the packed bits: fp32 on CPU without the engine's compiled kernels (NumPy: packed 1.06-1.45x
+#: the bool multiply, 100M parameters, benchmarks/masks.py), and accelerators (a guess, unmeasured:
+#: torch unpacks in several kernels). Everywhere else the packed masks are applied directly and no
+#: byte-per-weight copy exists: CPU bf16/fp16 (zeroed through a 16-bit integer view, 5.6-7x faster
+#: than torch's bool multiply) and CPU fp32 with the compiled kernels (one pass over the bits,
+#: 0.81x the bool multiply).
 def _unpacked_while_training(tensor: torch.Tensor) -> bool:
-    return not (tensor.is_cpu and tensor.dtype in (torch.bfloat16, torch.float16))
+    if not tensor.is_cpu:
+        return True
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        return False
+    return not (tensor.dtype == torch.float32 and native.enabled() and kernels.NUMPY_KERNELS)
 
 
 #: ``attach(upkeep=...)``: how pruned weights are kept at zero through optimizer steps.

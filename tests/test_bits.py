@@ -15,13 +15,18 @@ import sparsity_core as sc
 import sparsity_core._engine as engine
 from sparsity_core import SparsityController, _bits
 from sparsity_core._bits import MaskView, PackedMask
+from sparsity_core._engine import native
 
 
-@pytest.fixture(params=[True, False], ids=["numpy", "torch"])
+@pytest.fixture(params=["native", "numpy", "torch"])
 def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Both kernels of _bits: NumPy's on CPU and the torch ones accelerators run."""
-    monkeypatch.setattr(engine.kernels, "NUMPY_KERNELS", request.param)
-    return bool(request.param)
+    """Every kernel of _bits: the compiled ones (``engine.native``) and NumPy's on CPU, and the
+    torch ones accelerators run. True for the CPU ones."""
+    if request.param == "native" and not native.AVAILABLE:
+        pytest.skip("the compiled kernels were not built (no C compiler at install)")
+    monkeypatch.setattr(engine.kernels, "NUMPY_KERNELS", request.param != "torch")
+    monkeypatch.setattr(engine.kernels, "NATIVE_KERNELS", request.param == "native")
+    return request.param != "torch"
 
 
 def random_mask(shape: tuple[int, ...], seed: int = 0, keep: float = 0.3) -> torch.Tensor:
@@ -100,13 +105,19 @@ def test_apply_to_a_non_contiguous_tensor_and_across_devices_of_the_same_kind() 
         PackedMask.pack(mask).apply_(weight)
 
 
-def test_apply_through_the_16_bit_view_zeroes_pruned_nan_and_keeps_bits() -> None:
-    tensor = torch.tensor([float("nan"), -1.5, 2.0, -0.0, 3.0], dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_apply_through_the_bits_zeroes_pruned_nan_and_keeps_bits(kernels: bool, dtype: torch.dtype) -> None:
+    if not kernels:
+        pytest.skip("the torch kernels (accelerators) multiply: a pruned NaN stays NaN there")
+    if dtype == torch.float32 and not native.enabled():
+        pytest.skip("fp32 goes through the bits only on the compiled kernels (NumPy multiplies)")
+    tensor = torch.tensor([float("nan"), -1.5, 2.0, -0.0, 3.0] * 9, dtype=dtype)  # 45: a vector and a tail
     before = tensor.clone()
-    mask = torch.tensor([False, True, False, True, False])
+    mask = torch.tensor([False, True, False, True, False] * 9)
     PackedMask.pack(mask).apply_(tensor)
-    assert tensor.view(torch.int16)[mask].tolist() == before.view(torch.int16)[mask].tolist()  # kept: bit-identical
-    assert (tensor[~mask] == 0).all()  # pruned: zero, a NaN included
+    view = torch.int32 if dtype == torch.float32 else torch.int16
+    assert tensor.view(view)[mask].tolist() == before.view(view)[mask].tolist()  # kept: bit-identical
+    assert (tensor.view(view)[~mask] == 0).all()  # pruned: +0.0, a NaN included
 
 
 def test_mask_view_unpacks_on_each_read_and_is_read_only() -> None:
@@ -244,7 +255,13 @@ def test_a_damaged_packed_state_is_refused_naming_the_mask(change: str, message:
     assert c.masks == {} and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_attached_for_weight_upkeep_fp32_masks_are_held_unpacked_and_dropped_on_detach() -> None:
+@pytest.mark.parametrize("compiled", [False, True])
+def test_attached_fp32_masks_are_held_unpacked_only_without_the_compiled_kernels(monkeypatch: pytest.MonkeyPatch, compiled: bool) -> None:
+    """Without the compiled kernels an fp32 mask is held unpacked while attached (the bool multiply
+    is faster than NumPy's unpacking); with them it stays packed (their pass over the bits is)."""
+    if compiled and not native.AVAILABLE:
+        pytest.skip("the compiled kernels were not built (no C compiler at install)")
+    monkeypatch.setattr(engine.kernels, "NATIVE_KERNELS", compiled)
     model = nn.Sequential(nn.Linear(100, 100), nn.Linear(100, 100).to(torch.bfloat16))
     c = SparsityController(model, "magnitude", {"sparsity_level": 0.7})
     c.step()
@@ -254,7 +271,8 @@ def test_attached_for_weight_upkeep_fp32_masks_are_held_unpacked_and_dropped_on_
     c.attach(opt)
     c.apply_masks()
     kinds = {t.dtype: type(mask) for t, mask in c._plan[1]}  # type: ignore[index]
-    assert kinds == {torch.float32: torch.Tensor, torch.bfloat16: PackedMask}  # bf16: packed measured faster
+    fp32 = PackedMask if compiled else torch.Tensor
+    assert kinds == {torch.float32: fp32, torch.bfloat16: PackedMask}  # bf16: packed measured faster
     model[0].weight.grad = torch.ones(100, 100)
     model[1].weight.grad = torch.ones(100, 100, dtype=torch.bfloat16)
     opt.step()
@@ -265,7 +283,11 @@ def test_attached_for_weight_upkeep_fp32_masks_are_held_unpacked_and_dropped_on_
     assert all(isinstance(mask, PackedMask) for _, mask in c._plan[1])  # type: ignore[index]
 
 
-def test_gradient_upkeep_and_optimizer_state_use_the_packed_masks() -> None:
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gradient_upkeep_and_optimizer_state_use_the_packed_masks(monkeypatch: pytest.MonkeyPatch, compiled: bool) -> None:
+    if compiled and not native.AVAILABLE:
+        pytest.skip("the compiled kernels were not built (no C compiler at install)")
+    monkeypatch.setattr(engine.kernels, "NATIVE_KERNELS", compiled)
     model = mlp()
     c = SparsityController(model, "magnitude", {"sparsity_level": 0.8})
     c.step()
@@ -275,7 +297,8 @@ def test_gradient_upkeep_and_optimizer_state_use_the_packed_masks() -> None:
         opt.zero_grad()
         model(torch.randn(4, 33)).pow(2).sum().backward()
         opt.step()
-    assert set(c._unpacked) == set(c.masks)  # fp32: the gradient hooks multiply by bool copies
+    # fp32: the gradient hooks multiply by bool copies, unless the compiled kernels mask the bits
+    assert set(c._unpacked) == (set() if compiled else set(c.masks))
     assert all(held[0] is c.masks.packed()[n] for n, held in c._unpacked.items())
     for name, mask in c.masks.items():
         assert not c.tensors[name][~mask].any()

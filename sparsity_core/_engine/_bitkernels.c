@@ -108,6 +108,15 @@
 SC_SCALAR(16)
 SC_SCALAR(32)
 
+/* x[i] kept where bit i of packed is set, else +0 */
+#define SC_MASK_SCALAR(W)                                                                             \
+    static void mask##W##_c(uint##W##_t *x, int64_t start, int64_t n, const uint8_t *packed) {         \
+        for (int64_t i = start; i < n; i++)                                                           \
+            if (!(packed[i >> 3] >> (i & 7) & 1)) x[i] = 0;                                            \
+    }
+SC_MASK_SCALAR(16)
+SC_MASK_SCALAR(32)
+
 /* ------------------------------------------------------------------------------------------ */
 /* AVX2 loops. Unsigned compares are signed compares of the keys with the top bit flipped.     */
 
@@ -499,6 +508,43 @@ AVX2 static int64_t nm32_avx2(uint32_t *x, int64_t n, const uint8_t *keep, int s
     return -1;
 }
 
+/* Packed keep bits applied to weights, 32 at a time: each lane's bit picked out of a broadcast
+ * of its bytes; a word of 32 kept elements is skipped (no write). */
+AVX2 static void mask32_avx2(uint32_t *x, int64_t n, const uint8_t *packed, int64_t *at) {
+    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        SC_PREFETCH(x + i);
+        SC_PREFETCH(x + i + 16);
+        uint32_t word;
+        memcpy(&word, packed + (i >> 3), 4);
+        if (word == 0xFFFFFFFFu) continue;
+        for (int v = 0; v < 4; v++) {
+            __m256i b = _mm256_and_si256(_mm256_set1_epi32((int)(word >> (8 * v) & 0xFF)), sel);
+            __m256i *p = (__m256i *)(x + i + 8 * v);
+            _mm256_storeu_si256(p, _mm256_and_si256(_mm256_loadu_si256(p), _mm256_cmpeq_epi32(b, sel)));
+        }
+    }
+    *at = i;
+}
+
+AVX2 static void mask16_avx2(uint16_t *x, int64_t n, const uint8_t *packed, int64_t *at) {
+    const __m256i sel = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, (short)32768);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        SC_PREFETCH(x + i);
+        uint32_t word;
+        memcpy(&word, packed + (i >> 3), 4);
+        if (word == 0xFFFFFFFFu) continue;
+        for (int v = 0; v < 2; v++) {
+            __m256i b = _mm256_and_si256(_mm256_set1_epi16((short)(word >> (16 * v) & 0xFFFF)), sel);
+            __m256i *p = (__m256i *)(x + i + 16 * v);
+            _mm256_storeu_si256(p, _mm256_and_si256(_mm256_loadu_si256(p), _mm256_cmpeq_epi16(b, sel)));
+        }
+    }
+    *at = i;
+}
+
 #endif /* SC_X86 */
 
 /* ------------------------------------------------------------------------------------------ */
@@ -566,6 +612,19 @@ AVX2 static int64_t nm32_avx2(uint32_t *x, int64_t n, const uint8_t *keep, int s
 #define SC_CALL_AVX2(call) 0 /* never reached: SC_HAVE_AVX2() is 0 */
 #endif
 
+/*
+ * Packed keep bits applied to x[0..n) (16- or 32-bit elements: the weights' bits): pruned
+ * elements become +0, kept ones are not written where a whole word of 32 is kept.
+ */
+#define SC_MASK(W)                                                                                          \
+    SC_EXPORT void sc_mask##W(uint##W##_t *x, int64_t n, const uint8_t *packed, int simd) {                  \
+        int64_t at = 0;                                                                                     \
+        if (SC_X86 && simd && SC_HAVE_AVX2()) (void)SC_CALL_AVX2(mask##W##_avx2(x, n, packed, &at));         \
+        mask##W##_c(x, at, n, packed);                                                                      \
+    }
+
+SC_MASK(16)
+SC_MASK(32)
 SC_CENSUS(16)
 SC_CENSUS(32)
 SC_APPLY(16)

@@ -43,6 +43,9 @@ def _load() -> ctypes.CDLL | None:
         nm = getattr(lib, f"sc_nm{width}")
         nm.argtypes = [_V, _I64, _V, _INT, key, key, _INT, _INT, _INT, _V, _INT]
         nm.restype = _I64
+        mask = getattr(lib, f"sc_mask{width}")
+        mask.argtypes = [_V, _I64, _V, _INT]
+        mask.restype = None
     lib.sc_select16.argtypes = [_V, _I64, _I64]
     lib.sc_select16.restype = _I64
     lib.sc_simd.argtypes = []
@@ -108,3 +111,10 @@ def select(band: np.ndarray, r: int) -> int:
     ``np.partition(band, r)[r]`` without the copy, in a few counting passes; -1 if its 256 KiB of
     counts cannot be had."""
     return int(_LIB.sc_select16(_ptr(band), band.size, r))  # type: ignore[union-attr]
+
+
+def mask(bits: np.ndarray, packed: np.ndarray) -> None:
+    """Zero the elements of ``bits`` (flat 16- or 32-bit view of the weights) whose bit in
+    ``packed`` is clear, in one read+write pass (words of 32 kept elements are not written)."""
+    fn = _LIB.sc_mask16 if _width(bits) == 16 else _LIB.sc_mask32  # type: ignore[union-attr]
+    fn(_ptr(bits), bits.size, _ptr(packed), int(kernels.NATIVE_SIMD))
