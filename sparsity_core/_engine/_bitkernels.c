@@ -552,7 +552,9 @@ AVX2 static void mask16_avx2(uint16_t *x, int64_t n, const uint8_t *packed, int6
 
 /*
  * The census of x[0..n): counts[0] += keys < lo, counts[1] += keys == lo, counts[2] += keys == hi,
- * counts[3] = max(counts[3], largest sign-cleared key before any shift: NaN/inf shows there);
+ * counts[3] = max(counts[3], largest sign-cleared key before any shift: NaN/inf shows there).
+ * counts[1] and counts[2] only where an edge is counted rather than kept (lo == hi, blo != lo or
+ * bhi != hi); otherwise left as they were (the vector loop skips them there; nothing reads them);
  * keys in [blo, bhi] appended to band (at most cap of them; band holds cap + 16 keys: the vector loop
  * stores 8 at a time, twice between checks). Returns how many were appended, or -1
  * when more than cap would be (band then holds garbage).
@@ -562,13 +564,16 @@ AVX2 static void mask16_avx2(uint16_t *x, int64_t n, const uint8_t *packed, int6
                                    uint##W##_t mag, uint##W##_t lo, uint##W##_t blo, uint##W##_t bhi,        \
                                    uint##W##_t hi, uint##W##_t *band, int64_t cap, int64_t *counts,          \
                                    int simd) {                                                               \
-        int64_t m = 0, start = 0;                                                                           \
+        int64_t m = 0, start = 0, eq_lo = counts[1], eq_hi = counts[2];                                     \
         if (SC_X86 && simd && SC_HAVE_AVX2()) {                                                             \
             m = SC_CALL_AVX2(census##W##_avx2(x, n, keep, shift, mag, lo, blo, bhi, hi, band, cap, counts,   \
                                               &start));                                                     \
             if (m < 0) return -1;                                                                           \
         }                                                                                                   \
-        return census##W##_c(x, start, n, keep, shift, mag, lo, blo, bhi, hi, band, m, cap, counts);        \
+        m = census##W##_c(x, start, n, keep, shift, mag, lo, blo, bhi, hi, band, m, cap, counts);           \
+        /* no edge counted: the vector loop may skip those counts, so neither loop's are kept */            \
+        if (m >= 0 && !(lo == hi || blo != lo || bhi != hi)) counts[1] = eq_lo, counts[2] = eq_hi;          \
+        return m;                                                                                           \
     }
 
 /*

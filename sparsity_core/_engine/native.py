@@ -82,8 +82,9 @@ def census(
     band: np.ndarray, cap: int, counts: np.ndarray,
 ) -> int:
     """One read of ``bits`` (flat unsigned keys' source): adds keys ``< lo``, ``== lo``, ``== hi``
-    to ``counts[0:3]``, the largest sign-cleared key to ``counts[3]``; the keys in ``[blo, bhi]``
-    written to ``band`` (``cap + 16`` long). Returns how many, or -1 past ``cap``."""
+    to ``counts[0:3]`` (``== lo`` and ``== hi`` only where an edge is counted: ``lo == hi``,
+    ``blo != lo`` or ``bhi != hi``), the largest sign-cleared key to ``counts[3]``; the keys in
+    ``[blo, bhi]`` written to ``band`` (``cap + 16`` long). Returns how many, or -1 past ``cap``."""
     fn = _LIB.sc_census16 if _width(bits) == 16 else _LIB.sc_census32  # type: ignore[union-attr]
     return int(
         fn(_ptr(bits), bits.size, _ptr(keep), int(shift), mag, lo, blo, bhi, hi, _ptr(band), cap, _ptr(counts), int(kernels.NATIVE_SIMD))
