@@ -692,6 +692,6 @@ SC_EXPORT int sc_simd(void) {
 }
 
 /* A valid (empty) extension module, so that setuptools builds and names it as one. */
-static struct PyModuleDef sc_module = {PyModuleDef_HEAD_INIT, "_bitkernels", "compiled kernels (loaded with ctypes)", -1, NULL};
+static struct PyModuleDef sc_module = {PyModuleDef_HEAD_INIT, "_bitkernels", "compiled kernels (loaded with ctypes)", -1, NULL, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__bitkernels(void) { return PyModule_Create(&sc_module); }
