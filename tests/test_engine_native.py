@@ -507,3 +507,22 @@ def test_select_large_bands(compiled: None) -> None:
     band[-1] = 0
     check_select(band, 0)
     check_select(band, size - 1)
+
+
+# -- mask: packed keep bits applied to the weights' bits --------------------------------------------
+@pytest.mark.parametrize("keep_rate", [0.0, 0.3, 0.97, 1.0])
+@pytest.mark.parametrize("ukind", UKINDS, ids=["u16", "u32"])
+def test_mask_every_length(simd: bool, ukind: type, keep_rate: float) -> None:
+    """Kept elements bit-identical, pruned ones +0 (bit pattern 0, a NaN's too); runs of 32 kept
+    elements (skipped unwritten by the vector loop) and the tail alike; the bits left as they were."""
+    rng = np.random.default_rng(14)
+    for n in [*LENGTHS, 4096 + 77]:
+        bits = draw(rng, n, ukind)
+        keep = rng.random(n) < keep_rate
+        keep[: min(n, 64)] = keep_rate > 0.5  # whole words of 32 kept (or pruned) at the start
+        packed = np.packbits(keep, bitorder="little")
+        before = packed.copy()
+        got = bits.copy()
+        native.mask(got, packed)
+        same(got, np.where(keep, bits, 0).astype(ukind), f"n={n}")
+        same(packed, before)
