@@ -50,6 +50,7 @@ def _load() -> ctypes.CDLL | None:
     lib.sc_select16.restype = _I64
     lib.sc_simd.argtypes = []
     lib.sc_simd.restype = _INT
+    lib.sc_simd()  # the CPU check and its tables, once, here: ctypes calls run without the GIL
     return lib
 
 
