@@ -21,7 +21,8 @@ bound).
 
 Cases: ``pass`` (w.mul_(1) over every weight: the limit); ours one-shot through ``sparsify`` (masks
 computed, applied and dropped; ``SparsityController(...).step()`` then ``._squash(trust_masked=True)``,
-i.e. ``sparsify`` without its closing report): magnitude 90% global and layer, 2:4, data_norm 1x4; ours with the
+i.e. ``sparsify`` without its closing report): magnitude 90% global and layer, 2:4 (Linear weights, and transformers' Conv1D ones, [in, out],
+groups along dim 0), data_norm 1x4; ours with the
 masks kept (``SparsityController.step()``, bool masks alive afterwards); the anchors
 ``torch.nn.utils.prune.global_unstructured`` + ``prune.remove`` (what Lightning's ModelPruning
 calls), torch.ao ``WeightNormSparsifier`` (1x4 blocks) and ``DataNormSparsifier`` (1x4, the seed
@@ -50,11 +51,12 @@ GOALS = {
     "magnitude global 90%": ("pass", 3.0, "prune.global_unstructured", 20.0),
     "magnitude layer 90%": ("pass", 3.0, None, None),
     "2:4": ("pass", 3.0, None, None),
+    "2:4 Conv1D": ("pass", 3.0, None, None),
     "data_norm 1x4": (None, None, "torch.ao DataNormSparsifier", 20.0),
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 #: Cases run in every dtype of --dtypes; the rest in fp32 only.
-PER_DTYPE = ("pass", "magnitude global 90%", "magnitude layer 90%", "2:4", "prune.global_unstructured")
+PER_DTYPE = ("pass", "magnitude global 90%", "magnitude layer 90%", "2:4", "2:4 Conv1D", "prune.global_unstructured")
 MEMORY_GOAL = 0.3
 APPLY_GOAL = 0.03
 
@@ -90,13 +92,18 @@ def _measure(fn: Callable[[], None], repeat: int, before: Callable[[], None] | N
     return best, max(0, peak - base)
 
 
-def _model(params: float, dtype: str = "fp32") -> Any:
+def _model(params: float, dtype: str = "fp32", conv1d: bool = False) -> Any:
+    """Square Linear layers, or transformers' Conv1D ([in, out] weights: GPT-2's) with ``conv1d``."""
     import torch
     from torch import nn
 
     d = 4096 if params >= 4096 * 4096 else max(16, int(math.sqrt(params)))
     layers = max(1, round(params / (d * d)))
     torch.manual_seed(0)
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        return nn.Sequential(*[Conv1D(d, d) for _ in range(layers)]).to(getattr(torch, DTYPES[dtype]))
     return nn.Sequential(*[nn.Linear(d, d, dtype=getattr(torch, DTYPES[dtype])) for _ in range(layers)])
 
 
@@ -114,7 +121,7 @@ def run_case(case: str, params: float, repeat: int, dtype: str = "fp32", general
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    model = _model(params, dtype)
+    model = _model(params, dtype, conv1d=case == "2:4 Conv1D")
     weights = _weights(model)
     n = sum(w.numel() for w in weights)
     nbytes = sum(w.numel() * w.element_size() for w in weights)
@@ -133,6 +140,7 @@ def run_case(case: str, params: float, repeat: int, dtype: str = "fp32", general
         "magnitude global 90%": ("magnitude", {"sparsity_level": 0.9, "scope": "global"}),
         "magnitude layer 90%": ("magnitude", {"sparsity_level": 0.9}),
         "2:4": ("magnitude", {"pattern": "2:4"}),
+        "2:4 Conv1D": ("magnitude", {"pattern": "2:4"}),  # groups along dim 0, the input axis
         "data_norm 1x4": ("data_norm", {"sparsity_level": 0.9, "sparse_block_shape": (1, 4)}),
     }
     keep: list[Any] = []
@@ -318,6 +326,7 @@ def main() -> None:
         "magnitude global 90%",
         "magnitude layer 90%",
         "2:4",
+        "2:4 Conv1D",
         "data_norm 1x4",
         "magnitude global 90%, masks kept",
     ]

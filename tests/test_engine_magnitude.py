@@ -319,3 +319,34 @@ def test_one_shot_sparsify_in_bf16_prunes_exactly(fast_calls):
         if n in ref:
             assert torch.equal(p.detach(), ref[n] * expected[n])
 
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "4:8"])
+@pytest.mark.parametrize("nested", [False, True])
+def test_nm_down_the_rows_of_a_conv1d_weight(kernel_set, monkeypatch, dtype, pattern, nested):
+    """transformers' Conv1D ([in, out], reduction axis dim 0): N:M groups run down the rows; the
+    fast path (compiled kernels) gives the general path's masks, ties by row, nested masks kept."""
+    from sparsity_core._layers import TensorLayout
+
+    g = torch.Generator().manual_seed(17)
+    tensors = {
+        "attn": torch.randint(-3, 4, (64, 48), generator=g).float().to(dtype),  # ties everywhere
+        "mlp": torch.randn(96, 40, generator=g).to(dtype),  # 40 columns: not whole vectors
+    }
+    conv1d = TensorLayout("conv1d", output_axis=1, input_axis=0, matmul=True)
+    current = {n: torch.rand(t.shape, generator=g) > 0.2 for n, t in tensors.items()} if nested else {}
+    context = MaskContext(current=current, layouts={n: conv1d for n in tensors})
+    sp = create_sparsifier("magnitude", {"pattern": pattern, "include": ["*"]})
+    levels = sp.final_levels(tensors)
+    rows_calls: list[str] = []
+    real = magnitude.nm_keep_rows
+    monkeypatch.setattr(magnitude, "nm_keep_rows", lambda name, *a: rows_calls.append(name) or real(name, *a))
+    masks, masked = fast(sp, tensors, levels, context)
+    assert rows_calls == ([] if kernel_set == "numpy" else list(tensors))  # NumPy: the general path
+    ref = reference(sp, tensors, levels, context)
+    assert_same(ref, masks, tensors, masked)
+    n_keep, m_group = (int(x) for x in pattern.split(":"))
+    for n, m in masks.items():
+        kept = m.T.reshape(m.shape[1], -1, m_group).sum(-1)  # groups along dim 0
+        assert (kept <= n_keep).all() if nested else (kept == n_keep).all()

@@ -526,3 +526,57 @@ def test_mask_every_length(simd: bool, ukind: type, keep_rate: float) -> None:
         native.mask(got, packed)
         same(got, np.where(keep, bits, 0).astype(ukind), f"n={n}")
         same(packed, before)
+
+
+# -- N:M down the rows (a [in, out] weight: transformers' Conv1D) -----------------------------------
+def ref_nm_rows(bits: np.ndarray, cols: int, keep: np.ndarray | None, shift: bool, mag: int, m: int, prune: int) -> np.ndarray:
+    """:func:`ref_nm` on the transpose: groups are m consecutive rows of each column."""
+    t = bits.reshape(-1, cols).T.reshape(-1)
+    kt = None if keep is None else keep.reshape(-1, cols).T.reshape(-1)
+    return ref_nm(t, kt, shift, mag, m, prune).reshape(cols, -1).T.reshape(-1)
+
+
+@pytest.mark.parametrize("m", [2, 4, 8, 3])
+@pytest.mark.parametrize("ukind", UKINDS, ids=["u16", "u32"])
+def test_nm_rows(simd: bool, ukind: type, m: int) -> None:
+    """Every prune count; widths that are whole vectors (the AVX2 loop) and not (portable), many
+    ties, the top keys, with and without the nested shift; packed bits in C order, pad bits zero."""
+    mag = _mag(ukind)
+    rng = np.random.default_rng([15, _width(ukind), m])
+    for cols in (8, 16, 32, 48, 5, 33, 1):
+        for blocks in (0, 1, 3, 7):
+            n = blocks * m * cols
+            for mode in MODES:
+                bits = draw(rng, n, ukind, levels=4 if cols % 2 else 0)
+                shift, keep = current(rng, n, mode)
+                for prune in range(0, m + 1):
+                    kept = ref_nm_rows(bits, cols, keep, shift, mag, m, prune)
+                    x = bits.copy()
+                    packed = np.full((n + 7) // 8 + 1, 0xFF, np.uint8)
+                    where = f"cols={cols} blocks={blocks} m={m} prune={prune} mode={mode}"
+                    assert native.nm_rows(x, cols, keep, shift, mag, mag + 1, m, prune, prune % 2 == 0, packed[:-1]) == -1, where
+                    same(packed[:-1], np.packbits(kept, bitorder="little"), err_msg=where)
+                    assert packed[-1] == 0xFF, where
+                    same(x, np.where(kept, bits, 0).astype(ukind) if prune % 2 == 0 else bits, err_msg=where)
+
+
+@pytest.mark.parametrize("ukind", UKINDS, ids=["u16", "u32"])
+def test_nm_rows_not_finite(simd: bool, ukind: type) -> None:
+    """A NaN or inf anywhere in a block of m rows returns the block's first element: the blocks
+    before it are written, it and the later ones untouched (a block is checked whole first)."""
+    mag, m, cols = _mag(ukind), 4, 32
+    inf = 0x7F80 if ukind is np.uint16 else 0x7F800000
+    rng = np.random.default_rng([16, _width(ukind)])
+    blocks = 6
+    n = blocks * m * cols
+    for block in range(blocks):
+        bits = (rng.integers(0, inf, n) | np.where(rng.random(n) < 0.5, mag + 1, 0)).astype(ukind)
+        at = (block * m + int(rng.integers(0, m))) * cols + int(rng.integers(0, cols))
+        bits[at] = inf | (mag + 1)
+        kept = ref_nm_rows(bits, cols, None, False, mag, m, 2)
+        x = bits.copy()
+        packed = np.zeros((n + 7) // 8, np.uint8)
+        assert native.nm_rows(x, cols, None, False, mag, inf, m, 2, True, packed) == block * m * cols
+        before = block * m * cols
+        same(x[:before], np.where(kept[:before], bits[:before], 0).astype(ukind))
+        same(x[before:], bits[before:])

@@ -117,6 +117,36 @@ SC_SCALAR(32)
 SC_MASK_SCALAR(16)
 SC_MASK_SCALAR(32)
 
+/* N:M down the rows (groups of m rows in each column: a [in, out] weight such as transformers'
+ * Conv1D, whose reduction axis is dim 0), from row block ``g0`` (in rows). A block of m rows is
+ * checked for NaN/inf whole before it is written. */
+#define SC_NM_ROWS_SCALAR(W)                                                                          \
+    static int64_t nm_rows##W##_c(uint##W##_t *x, int64_t g0, int64_t rows, int64_t cols,             \
+                                  const uint8_t *keep, int shift, uint##W##_t mag, uint##W##_t inf,   \
+                                  int m, int prune, int apply, uint8_t *packed) {                     \
+        uint##W##_t k[64];                                                                            \
+        for (int64_t g = g0; g < rows; g += m) {                                                      \
+            for (int64_t i = g * cols; i < (g + m) * cols; i++)                                       \
+                if ((x[i] & mag) >= inf) return g * cols;                                             \
+            for (int64_t c = 0; c < cols; c++) {                                                      \
+                for (int a = 0; a < m; a++) k[a] = key##W(x[(g + a) * cols + c] & mag, keep, shift, (g + a) * cols + c); \
+                for (int a = 0; a < m; a++) {                                                         \
+                    int rank = 0;                                                                     \
+                    for (int b = 0; b < m; b++) rank += k[b] < k[a] || (k[b] == k[a] && b < a);       \
+                    int64_t i = (g + a) * cols + c;                                                   \
+                    if (rank >= prune) packed[i >> 3] |= (uint8_t)(1u << (i & 7));                   \
+                    else {                                                                            \
+                        packed[i >> 3] &= (uint8_t) ~(1u << (i & 7));                                \
+                        if (apply) x[i] = 0;                                                          \
+                    }                                                                                 \
+                }                                                                                     \
+            }                                                                                         \
+        }                                                                                             \
+        return -1;                                                                                    \
+    }
+SC_NM_ROWS_SCALAR(16)
+SC_NM_ROWS_SCALAR(32)
+
 /* ------------------------------------------------------------------------------------------ */
 /* AVX2 loops. Unsigned compares are signed compares of the keys with the top bit flipped.     */
 
@@ -545,6 +575,63 @@ AVX2 static void mask16_avx2(uint16_t *x, int64_t n, const uint8_t *packed, int6
     *at = i;
 }
 
+/* N:M down the rows, vector by vector across the columns (cols a multiple of the lanes, so that
+ * each row's keep bits are whole bytes): lane c of row a is ranked against the same lane of the
+ * block's other rows. Stops before a block holding NaN/inf (the portable loop reports it). */
+#define SC_NM_ROWS_AVX2(W, LANES, SUFFIX, BIAS, SET1, CMPGT, CMPEQ, SUB, MAXU, KEYS, BITS)                \
+    AVX2 static void nm_rows##W##_avx2(uint##W##_t *x, int64_t rows, int64_t cols, const uint8_t *keep,   \
+                                       int shift, uint##W##_t mag, uint##W##_t inf, int m, int prune,     \
+                                       int apply, uint8_t *packed, int64_t *at) {                         \
+        const __m256i vmag = SET1(mag), bias = SET1(BIAS), vprune = SET1(prune - 1), top = SET1(inf - 1); \
+        int64_t g = 0;                                                                                    \
+        for (; g < rows; g += m) {                                                                        \
+            __m256i mx = _mm256_setzero_si256();                                                          \
+            for (int64_t i = g * cols; i < (g + m) * cols; i += LANES) {                                  \
+                SC_PREFETCH(x + i);                                                                       \
+                mx = MAXU(mx, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + i)), vmag));      \
+            }                                                                                             \
+            /* max(raw) > inf - 1, unsigned: max(raw, inf - 1) != inf - 1 somewhere */                    \
+            if (_mm256_movemask_epi8(CMPEQ(MAXU(mx, top), top)) != -1) break;                             \
+            for (int64_t c = 0; c < cols; c += LANES) {                                                   \
+                __m256i kb[8], rank[8];                                                                   \
+                for (int a = 0; a < m; a++) {                                                             \
+                    __m256i raw;                                                                          \
+                    kb[a] = _mm256_xor_si256(KEYS(x, keep, shift, (g + a) * cols + c, vmag, &raw), bias); \
+                    rank[a] = _mm256_setzero_si256();                                                     \
+                }                                                                                         \
+                for (int a = 0; a < m; a++)                                                               \
+                    for (int b = a + 1; b < m; b++) { /* b after a: a tie counts for b */                 \
+                        __m256i a_lt_b = CMPGT(kb[b], kb[a]), b_lt_a = CMPGT(kb[a], kb[b]);               \
+                        __m256i tie = _mm256_andnot_si256(_mm256_or_si256(a_lt_b, b_lt_a), SET1(-1));     \
+                        rank[a] = SUB(rank[a], b_lt_a);                                                   \
+                        rank[b] = SUB(rank[b], _mm256_or_si256(a_lt_b, tie));                             \
+                    }                                                                                     \
+                for (int a = 0; a < m; a++) {                                                             \
+                    __m256i kept = CMPGT(rank[a], vprune);                                                \
+                    int64_t i = (g + a) * cols + c;                                                       \
+                    if (apply)                                                                            \
+                        _mm256_storeu_si256((__m256i *)(x + i),                                           \
+                                            _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + i)), kept)); \
+                    BITS(packed + (i >> 3), kept);                                                        \
+                }                                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+        *at = g;                                                                                          \
+    }
+
+AVX2 static inline void bits8x32(uint8_t *out, __m256i kept) { *out = (uint8_t)_mm256_movemask_ps(_mm256_castsi256_ps(kept)); }
+
+AVX2 static inline void bits16x16(uint8_t *out, __m256i kept) {
+    uint32_t b = (uint32_t)_mm256_movemask_epi8(_mm256_permute4x64_epi64(_mm256_packs_epi16(kept, kept), 0xD8));
+    uint16_t two = (uint16_t)b;
+    memcpy(out, &two, 2);
+}
+
+SC_NM_ROWS_AVX2(16, 16, epi16, (short)0x8000, _mm256_set1_epi16, _mm256_cmpgt_epi16, _mm256_cmpeq_epi16, _mm256_sub_epi16,
+                _mm256_max_epu16, keys16v, bits16x16)
+SC_NM_ROWS_AVX2(32, 8, epi32, (int)0x80000000u, _mm256_set1_epi32, _mm256_cmpgt_epi32, _mm256_cmpeq_epi32, _mm256_sub_epi32,
+                _mm256_max_epu32, keys32v, bits8x32)
+
 #endif /* SC_X86 */
 
 /* ------------------------------------------------------------------------------------------ */
@@ -630,6 +717,26 @@ AVX2 static void mask16_avx2(uint16_t *x, int64_t n, const uint8_t *packed, int6
 
 SC_MASK(16)
 SC_MASK(32)
+
+/*
+ * N:M down the rows of a rows x cols array (rows a multiple of m, m <= 8): in each column, each
+ * block of m rows keeps all but its ``prune`` lowest keys (ties: the earlier row pruned first).
+ * Keep bits into packed (C order), pruned weights zeroed when ``apply``. Returns -1, or the first
+ * element of the block of m rows holding a NaN or inf (the blocks before it are written).
+ */
+#define SC_NM_ROWS(W, LANES)                                                                                \
+    SC_EXPORT int64_t sc_nm_rows##W(uint##W##_t *x, int64_t rows, int64_t cols, const uint8_t *keep,          \
+                                    int shift, uint##W##_t mag, uint##W##_t inf, int m, int prune, int apply, \
+                                    uint8_t *packed, int simd) {                                              \
+        int64_t g = 0;                                                                                      \
+        if ((rows * cols) & 7) packed[(rows * cols) >> 3] = 0; /* the pad bits */                           \
+        if (SC_X86 && simd && cols % LANES == 0 && SC_HAVE_AVX2())                                          \
+            (void)SC_CALL_AVX2(nm_rows##W##_avx2(x, rows, cols, keep, shift, mag, inf, m, prune, apply, packed, &g)); \
+        return nm_rows##W##_c(x, g, rows, cols, keep, shift, mag, inf, m, prune, apply, packed);            \
+    }
+
+SC_NM_ROWS(16, 16)
+SC_NM_ROWS(32, 8)
 SC_CENSUS(16)
 SC_CENSUS(32)
 SC_APPLY(16)

@@ -484,6 +484,21 @@ def _check(group: Sequence[_Bits], sparsifier: str) -> None:
             b.keys(start, min(b.n, start + kernels.CHUNK), keys, check=True, sparsifier=sparsifier)
 
 
+def nm_keep_rows(name: str, tensor: Tensor, keep: Tensor | None, m: int, prune: int, apply: bool, sparsifier: str) -> Tensor | PackedMask:
+    """:func:`nm_keep` for a 2-D tensor whose reduction axis is dim 0 (``[in, out]``, as
+    transformers' ``Conv1D``): the groups are ``m`` consecutive rows in each column, ties going
+    to the earlier row. Compiled kernels only (:func:`~.native.enabled`)."""
+    keep = _bool(keep)
+    bits = _Bits(name, tensor, keep, _prunes(keep))
+    packed = torch.empty(packed_size(bits.n), dtype=torch.uint8)
+    current = None if bits.keep is None else bits.keep.view(np.uint8)
+    cols = tensor.shape[1]
+    if native.nm_rows(bits.bits.view(bits.ukind), cols, current, bits.shift, bits.mag, bits.inf, m, prune, apply, packed.numpy()) >= 0:
+        raise _not_finite(name, sparsifier)
+    mask = PackedMask(packed, tensor.shape)
+    return mask if apply else mask.to_bool()
+
+
 def nm_keep(name: str, tensor: Tensor, keep: Tensor | None, m: int, prune: int, apply: bool, sparsifier: str) -> Tensor | PackedMask:
     """N:M over flat runs of ``m`` (``m <= 8``): in each, keep all but the ``prune`` lowest keys
     (ties: the earlier is pruned first), the weights masked piece by piece when ``apply``. The

@@ -43,6 +43,9 @@ def _load() -> ctypes.CDLL | None:
         nm = getattr(lib, f"sc_nm{width}")
         nm.argtypes = [_V, _I64, _V, _INT, key, key, _INT, _INT, _INT, _V, _INT]
         nm.restype = _I64
+        rows = getattr(lib, f"sc_nm_rows{width}")
+        rows.argtypes = [_V, _I64, _I64, _V, _INT, key, key, _INT, _INT, _INT, _V, _INT]
+        rows.restype = _I64
         mask = getattr(lib, f"sc_mask{width}")
         mask.argtypes = [_V, _I64, _V, _INT]
         mask.restype = None
@@ -113,6 +116,15 @@ def select(band: np.ndarray, r: int) -> int:
     ``np.partition(band, r)[r]`` without the copy, in a few counting passes; -1 if its 256 KiB of
     counts cannot be had."""
     return int(_LIB.sc_select16(_ptr(band), band.size, r))  # type: ignore[union-attr]
+
+
+def nm_rows(bits: np.ndarray, cols: int, keep: np.ndarray | None, shift: bool, mag: int, inf: int, m: int, prune: int, write: bool, packed: np.ndarray) -> int:
+    """:func:`nm` down the rows of ``bits`` seen as ``(-1, cols)``: groups of ``m`` rows in each
+    column (a ``[in, out]`` weight, transformers' ``Conv1D``). Returns -1, or the first element of
+    the block of ``m`` rows holding NaN or inf (the blocks before it are written)."""
+    fn = _LIB.sc_nm_rows16 if _width(bits) == 16 else _LIB.sc_nm_rows32  # type: ignore[union-attr]
+    rows = bits.size // cols if cols else 0
+    return int(fn(_ptr(bits), rows, cols, _ptr(keep), int(shift), mag, inf, m, prune, int(write), _ptr(packed), int(kernels.NATIVE_SIMD)))
 
 
 def mask(bits: np.ndarray, packed: np.ndarray) -> None:

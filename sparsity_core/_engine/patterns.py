@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels, magnitude
+from . import kernels, magnitude, native
 from .._bits import PackedMask
 from .kernels import apply_mask_, rank_keep, Tensor, view2d
 from .units import Scorer
@@ -27,9 +27,13 @@ def nm_mask(scorer: Scorer, n: int, m: int, level: float, apply: bool = False) -
     if prune <= 0:
         return torch.ones(tensor.shape, dtype=torch.bool, device=tensor.device)
     full = cols // m * m
-    if full == cols and natural and m <= 8 and magnitude.eligible(scorer.sparsifier, tensor):
+    if full == cols and m <= 8 and magnitude.eligible(scorer.sparsifier, tensor):
         # ranks on the weights' bits (see .magnitude): no float32 scores, bf16 and fp16 alike
-        return magnitude.nm_keep(scorer.name, tensor, scorer.keep, m, prune, apply, scorer.sparsifier.name)
+        if natural:
+            return magnitude.nm_keep(scorer.name, tensor, scorer.keep, m, prune, apply, scorer.sparsifier.name)
+        if tensor.dim() == 2 and scorer.layout.permutation(2) == (1, 0) and native.enabled():
+            # a [in, out] weight (transformers' Conv1D): groups run down its rows
+            return magnitude.nm_keep_rows(scorer.name, tensor, scorer.keep, m, prune, apply, scorer.sparsifier.name)
     mask = torch.empty(rows, cols, dtype=torch.bool, device=tensor.device)
     fused = apply and natural and tensor.is_contiguous()
     if full == cols and natural:  # groups are runs of m in the flat tensor: score it in flat pieces
