@@ -350,3 +350,28 @@ def test_nm_down_the_rows_of_a_conv1d_weight(kernel_set, monkeypatch, dtype, pat
     for n, m in masks.items():
         kept = m.T.reshape(m.shape[1], -1, m_group).sum(-1)  # groups along dim 0
         assert (kept <= n_keep).all() if nested else (kept == n_keep).all()
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_a_census_that_overflows_its_room_runs_again_with_all_of_the_cap(fast_calls, monkeypatch, kernel_set, scope):
+    """The compiled census gets room for twice the keys the sample puts in the bracket; when a band
+    holds more (simulated: the first census reports an overflow), the census runs again with the
+    whole cap, and the masks are the same."""
+    if kernel_set == "numpy":
+        pytest.skip("the room is the compiled census's")
+    rooms: list[int] = []
+    real = magnitude._census_native
+
+    def once_too_small(group, lo, hi, mass_lo, mass_hi, room, sparsifier):  # type: ignore[no-untyped-def]
+        rooms.append(room)
+        return False if len(rooms) == 1 else real(group, lo, hi, mass_lo, mass_hi, room, sparsifier)
+
+    monkeypatch.setattr(magnitude, "_census_native", once_too_small)
+    g = torch.Generator().manual_seed(18)
+    # large enough that the room (twice the sampled band, plus 64K) is less than the cap (an eighth)
+    tensors = {"a": torch.randn(1500, 1000, generator=g).to(torch.bfloat16), "b": torch.randn(900, 1000, generator=g).to(torch.bfloat16)}
+    sp = create_sparsifier("magnitude", {"sparsity_level": 0.8, "scope": scope, "include": ["*"]})
+    levels = sp.final_levels(tensors)
+    masks, masked = fast(sp, tensors, levels)
+    assert all(fast_calls) and rooms[1] > rooms[0]
+    assert_same(reference(sp, tensors, levels), masks, tensors, masked)
