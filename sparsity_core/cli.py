@@ -41,6 +41,24 @@ def _table(title: str, columns: Sequence[str]) -> Any:
     return table
 
 
+def _kernels() -> str:
+    """Which kernels the engine's hottest loops run on, found without importing torch: the compiled
+    ones (``_engine/_bitkernels.c``, built at install when a C compiler was there) or NumPy."""
+    import ctypes
+    import importlib.machinery
+
+    folder = Path(__file__).parent / "_engine"
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = folder / f"_bitkernels{suffix}"
+        if path.exists():
+            try:
+                simd = ctypes.CDLL(str(path)).sc_simd()
+            except (OSError, AttributeError) as exc:
+                return f"compiled kernels present but not loadable ({exc}): NumPy kernels"
+            return "compiled kernels, AVX2" if simd else "compiled kernels, portable C"
+    return "NumPy kernels (the compiled ones were not built: no C compiler at install)"
+
+
 def _summary(cls: type) -> str:
     doc = inspect.getdoc(cls) or ""
     return doc.splitlines()[0] if doc else ""
@@ -254,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparsity", description="Sparsifiers and sparsity schedulers, as plugins, for PyTorch and Lightning."
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__} (plugin API {API_VERSION})")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__} (plugin API {API_VERSION}; {_kernels()})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("plugins", help="what was discovered: plugin, distribution, version, status, names, error")

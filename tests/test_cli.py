@@ -83,9 +83,13 @@ def test_help(argv):
 
 def test_version():
     from sparsity_core import __version__
+    from sparsity_core._engine import native
 
     proc = run("--version")
     assert __version__ in proc.stdout and "API" in proc.stdout
+    # which kernels the engine runs, as the engine itself finds them (the CLI looks without torch)
+    expected = ("compiled kernels, AVX2" if native.simd() else "compiled kernels, portable C") if native.AVAILABLE else "NumPy kernels"
+    assert expected in proc.stdout, proc.stdout
 
 
 def test_show_finds_schedulers_and_suggests_across_both_kinds():
