@@ -62,12 +62,7 @@ APPLY_GOAL = 0.03
 
 
 # -- measuring (inside the subprocess) -----------------------------------------------------------
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
+from _proc import status as _status  # noqa: E402  (benchmarks/_proc.py, beside this script)
 
 
 def _measure(fn: Callable[[], None], repeat: int, before: Callable[[], None] | None = None) -> tuple[float, int]:

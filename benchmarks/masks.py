@@ -38,12 +38,7 @@ WIDTH = 4096
 GOALS = {"float32": 0.1, "bfloat16": 0.2}  # issue 13: peak extra memory of a one-shot global prune
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
+from _proc import status as _status  # noqa: E402  (benchmarks/_proc.py, beside this script)
 
 
 def _model(params: float, dtype: Any) -> Any:

@@ -33,12 +33,7 @@ from torch import nn
 GIB = 1024**3
 
 
-def meminfo(field: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
+from _proc import meminfo  # noqa: E402  (benchmarks/_proc.py, beside this script)
 
 
 def maxrss() -> int:
