@@ -23,6 +23,7 @@ from sparsity_core import (
     list_sparsifiers,
     sparsify,
 )
+from _grad_probe import GradProbe  # tests/_grad_probe.py: a sparsifier that records gradients
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -336,21 +337,6 @@ def test_a_refused_reconstruction_leaves_weights_and_masks_as_they_were() -> Non
 
 
 # -- 5. gradients ---------------------------------------------------------------------------------
-class GradProbe(ScoreSparsifier):
-    """Magnitude scores; records every gradient it is handed (name, live tensor, its value, grad)."""
-
-    name = "grad_probe_test"
-    capabilities = Capabilities(gradients=True)
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.seen: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def observe_gradient(self, name: str, tensor: torch.Tensor, grad: torch.Tensor) -> None:
-        self.seen.append((name, tensor, tensor.detach().clone(), grad.detach().clone()))
-
-    def score(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.abs()
 
 
 def grads(model: nn.Module) -> dict[str, torch.Tensor]:

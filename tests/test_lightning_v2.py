@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from sparsity_core import Capabilities, Scheduler, ScoreSparsifier, sparsify
 from sparsity_core.lightning import PostTrainingSparsity, TrainingAwareSparsity
 from test_lightning import trainer
+from _grad_probe import GradProbe  # tests/_grad_probe.py: a sparsifier that records gradients
 
 WANDA = {"sparsity_level": 0.5}
 
@@ -139,21 +140,6 @@ def weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # -- a sparsifier that needs gradients ----------------------------------------------------------
-class GradProbe(ScoreSparsifier):
-    """Magnitude scores; records every gradient it is handed (name, live tensor, its value, grad)."""
-
-    name = "grad_probe_lightning_test"
-    capabilities = Capabilities(gradients=True)
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.seen: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def observe_gradient(self, name: str, tensor: torch.Tensor, grad: torch.Tensor) -> None:
-        self.seen.append((name, tensor, tensor.detach().clone(), grad.detach().clone()))
-
-    def score(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.abs()
 
 
 LATER = ("linear", {"start": 1, "end": 2})  # level 0 at train start: gradients come first
@@ -318,14 +304,14 @@ def test_post_training_sequential_equals_one_shot_sequential() -> None:
 def test_post_training_wanda_without_calibration_batches_fails_in_init() -> None:
     with pytest.raises(ValueError, match=r"'wanda'.*calibration_batches=0"):
         PostTrainingSparsity("wanda", calibration_batches=0)
-    with pytest.raises(ValueError, match=r"grad_probe_lightning_test.*calibration_batches=0"):
+    with pytest.raises(ValueError, match=r"grad_probe_test.*calibration_batches=0"):
         PostTrainingSparsity(GradProbe, calibration_batches=0)
 
 
 def test_a_gradient_sparsifier_with_a_level_at_train_start_fails_in_init() -> None:
-    with pytest.raises(ValueError, match=r"grad_probe_lightning_test.*needs gradients.*train start"):
+    with pytest.raises(ValueError, match=r"grad_probe_test.*needs gradients.*train start"):
         TrainingAwareSparsity(GradProbe, {"sparsity_level": 0.5})  # constant: the level from t=0
-    with pytest.raises(ValueError, match=r"grad_probe_lightning_test.*sequential"):
+    with pytest.raises(ValueError, match=r"grad_probe_test.*sequential"):
         TrainingAwareSparsity(GradProbe, {"sparsity_level": 0.5}, *LATER, sequential="blocks.*")
 
 
