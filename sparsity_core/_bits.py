@@ -120,12 +120,16 @@ class PackedMask:
         if self._kept is None:
             kept = 0
             count = getattr(np, "bitwise_count", None)  # NumPy >= 2
-            for s in range(0, self.data.numel(), _COUNT_BYTES):
-                piece = self.data[s : s + _COUNT_BYTES]
-                if _numpy(piece):
+            host = _numpy(self.data)
+            # on an accelerator each piece is a few launches and a synchronisation: large pieces
+            step = _COUNT_BYTES if host else TORCH_CHUNK // 8
+            shifts = None if host else _shifts(self.data.device)
+            for s in range(0, self.data.numel(), step):
+                piece = self.data[s : s + step]
+                if host:
                     kept += int((count(piece.numpy()) if count else _POPCOUNT[piece.numpy()]).sum(dtype=np.int64))
                 else:
-                    kept += int(((piece.unsqueeze(-1) >> _shifts(piece.device)) & 1).sum())
+                    kept += int(((piece.unsqueeze(-1) >> shifts) & 1).sum())
             self._kept = kept
         return self._kept
 

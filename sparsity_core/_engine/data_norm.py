@@ -172,7 +172,7 @@ def data_norm_mask(
     rows, cols = x2.shape
     h, w = block
     per_block = h * w
-    band = h * max(1, kernels.CHUNK // max(1, h * cols))
+    band = h * max(1, kernels.chunk(tensor) // max(1, h * cols))
     rb, cb = -(-rows // h), -(-cols // w)
 
     # one buffer for the norms of every band (a fresh one per band would leave the heap in holes)

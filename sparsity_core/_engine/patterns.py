@@ -38,7 +38,7 @@ def nm_mask(scorer: Scorer, n: int, m: int, level: float, apply: bool = False) -
     fused = apply and natural and tensor.is_contiguous()
     if full == cols and natural:  # groups are runs of m in the flat tensor: score it in flat pieces
         out = mask.view(-1)
-        step = max(m, kernels.CHUNK // m * m)
+        step = max(m, kernels.chunk(tensor) // m * m)
         for start in range(0, out.numel(), step):
             end = min(out.numel(), start + step)
             rank_keep(scorer.piece(start, end).view(-1, m), prune, out[start:end].view(-1, m))
@@ -49,7 +49,7 @@ def nm_mask(scorer: Scorer, n: int, m: int, level: float, apply: bool = False) -
             apply_mask_(tensor, mask.view(tensor.shape))
         return mask.view(tensor.shape)
     tail_prune = min(prune, max(cols - full - n, 0))
-    band = max(1, kernels.CHUNK // max(1, cols))
+    band = max(1, kernels.chunk(tensor) // max(1, cols))
     for r0 in range(0, rows, band):
         r1 = min(rows, r0 + band)
         s = scorer.rows(r0, r1)

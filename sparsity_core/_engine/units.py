@@ -179,8 +179,9 @@ class _Elements(_Units):
         self.mask = torch.empty(self.n, dtype=torch.bool, device=scorer.tensor.device)
 
     def pieces(self) -> Iterator[tuple[int, Tensor]]:
-        for start in range(0, self.n, kernels.CHUNK):
-            yield start, self.scorer.piece(start, min(self.n, start + kernels.CHUNK))
+        step = kernels.chunk(self.scorer.tensor)
+        for start in range(0, self.n, step):
+            yield start, self.scorer.piece(start, min(self.n, start + step))
 
     def at(self, index: Tensor) -> Tensor:
         return self.scorer.at(index)
@@ -279,8 +280,9 @@ class _Blocks(_Units):
 
     def pieces(self) -> Iterator[tuple[int, Tensor]]:
         means = self.means()
-        for start in range(0, self.n, kernels.CHUNK):
-            yield start, means[start : start + kernels.CHUNK]
+        step = kernels.chunk(means)
+        for start in range(0, self.n, step):
+            yield start, means[start : start + step]
 
     def at(self, index: Tensor) -> Tensor:
         return self.means()[index.to(self.means().device)].cpu()
@@ -308,7 +310,7 @@ class _Blocks(_Units):
 def block_means(scorer: Scorer, h: int, w: int) -> Tensor:
     """Mean score of each aligned ``h x w`` block of the 2-D view (rb x cb), computed band by band."""
     rows, cols = scorer.shape2d
-    band = h * max(1, kernels.CHUNK // max(1, h * cols))
+    band = h * max(1, kernels.chunk(scorer.tensor) // max(1, h * cols))
     parts = []
     for r0 in range(0, rows, band):
         s = scorer.rows(r0, min(rows, r0 + band))
