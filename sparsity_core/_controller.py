@@ -33,7 +33,8 @@ SMALL_TENSOR = 4096
 #: weight, as before 1-bit masks) where a multiply by a bool mask measured faster than applying
 #: the packed bits: fp32 on CPU without the engine's compiled kernels (NumPy: packed 1.06-1.45x
 #: the bool multiply, 100M parameters, benchmarks/masks.py), and accelerators (torch unpacks in
-#: several kernels: on an H200, 1.07B bf16 weights, packed 2.48x the bool multiply; benchmarks/gpu.py). Everywhere else the packed masks are applied directly and no
+#: several kernels: on an H200, 1.07B bf16 weights, packed 2.48x the bool multiply;
+#: benchmarks/gpu.py). Everywhere else the packed masks are applied directly and no
 #: byte-per-weight copy exists: CPU bf16/fp16 (zeroed through a 16-bit integer view, 5.6-7x faster
 #: than torch's bool multiply) and CPU fp32 with the compiled kernels (one pass over the bits,
 #: 0.81x the bool multiply).
