@@ -230,19 +230,37 @@ def fsdp2(device: str) -> dict[str, Any]:
 def semi(device: str, width: int) -> dict[str, Any]:
     if device != "cuda":
         return {"skipped": "needs CUDA"}
+    from torch.sparse import SparseSemiStructuredTensor
+
     from sparsity_core.deploy import to_semi_structured
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(width, width), nn.Linear(width, width)).half().to(device).requires_grad_(False)
-    sc.sparsify(model, "magnitude", {"pattern": "2:4"})
-    x = torch.randn(4096, width, dtype=torch.float16, device=device)
-    dense_out = model(x)
-    dense_s = timed(lambda: model(x), device, repeat=10)
-    report = to_semi_structured(model)
-    sparse_out = model(x)
-    sparse_s = timed(lambda: model(x), device, repeat=10)
-    torch.testing.assert_close(sparse_out, dense_out, rtol=2e-2, atol=2e-2)
-    return {"converted": report.converted, "backend": report.to_dict().get("backend"), "dense_ms": round(dense_s * 1e3, 3), "semi_ms": round(sparse_s * 1e3, 3), "speedup": round(dense_s / sparse_s, 2)}
+    out: dict[str, Any] = {}
+    for out_features, in_features, batch in ((width, width, 4096), (width, width, 16384), (11008, 4096, 8192)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(in_features, out_features)).half().to(device).requires_grad_(False)
+        sc.sparsify(model, "magnitude", {"pattern": "2:4"})
+        x = torch.randn(batch, in_features, dtype=torch.float16, device=device)
+        dense_out = model(x)
+        dense_s = timed(lambda: model(x), device, repeat=20)
+        report = to_semi_structured(model)
+        assert report.converted == ["0"], report
+        sparse_out = model(x)
+        sparse_s = timed(lambda: model(x), device, repeat=20)
+        torch.testing.assert_close(sparse_out, dense_out, rtol=2e-2, atol=2e-2)
+        out[f"{out_features}x{in_features} batch {batch}: semi speedup"] = round(dense_s / sparse_s, 2)
+        out["backend"] = report.to_dict().get("backend")
+    # CUTLASS forced: on compute capability 9.x the layers are left dense, with the reason
+    if torch.cuda.get_device_capability()[0] >= 9:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = True
+        try:
+            model = nn.Sequential(nn.Linear(256, 256)).half().to(device).requires_grad_(False)
+            sc.sparsify(model, "magnitude", {"pattern": "2:4"})
+            report = to_semi_structured(model)
+            assert report.converted == [] and "8.x only" in report.device_note, report
+            out["CUTLASS forced on 9.x"] = "left dense, reason given"
+        finally:
+            SparseSemiStructuredTensor._FORCE_CUTLASS = False
+    return out
 
 
 @check("6. Lightning fit on the device with TrainingAwareSparsity")

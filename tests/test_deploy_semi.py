@@ -111,3 +111,23 @@ def test_gpu_path_converts_and_matches_the_dense_output():
     torch.testing.assert_close(net["sparse"](x), expected, rtol=1e-2, atol=1e-2)
     again = to_semi_structured(net)  # a second call leaves converted layers alone
     assert again.converted == ["sparse"] and "already" in again.layers[0].reason
+
+
+@pytest.mark.parametrize(
+    ("capability", "cutlass", "supported"),
+    [((8, 0), True, True), ((8, 6), False, True), ((9, 0), False, True), ((9, 0), True, False), ((7, 5), False, False)],
+)
+def test_the_device_verdict_knows_cutlass_runs_on_8x_only(monkeypatch, capability, cutlass, supported):
+    """torch's CUTLASS semi-structured matmul refuses compute capability 9.x (seen on an H200):
+    with the CUTLASS backend forced, a Hopper device is told so instead of failing at the first
+    forward; cuSPARSELt (the default) runs there."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    from sparsity_core.deploy._semi import _device_supports
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    backend = SparseSemiStructuredTensorCUTLASS if cutlass else SparseSemiStructuredTensorCUSPARSELT
+    ok, note = _device_supports(torch.device("cuda"), backend)
+    assert ok is supported, note
+    if capability == (9, 0) and cutlass:
+        assert "8.x only" in note and "cuSPARSELt" in note

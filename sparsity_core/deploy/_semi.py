@@ -125,12 +125,19 @@ def packing_round_trip(weight: Tensor) -> bool:
     return bool(torch.equal(restored, weight.detach()))
 
 
-def _device_supports(device: torch.device) -> tuple[bool, str]:
+def _device_supports(device: torch.device, backend: type | None = None) -> tuple[bool, str]:
     if device.type != "cuda":
         return False, f"weights on {device.type}: no semi-structured sparse kernels there, no speedup (left dense)"
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 0):
         return False, f"CUDA compute capability {major}.{minor} < 8.0: no sparse tensor cores (left dense)"
+    if major >= 9 and backend is not None and "cutlass" in backend.__name__.lower():
+        # torch converts, but its CUTLASS matmul then fails: "Supported only on GPUs with compute
+        # capability 8.x" (seen on an H200, torch 2.11; benchmarks/gpu.py)
+        return False, (
+            f"CUDA compute capability {major}.{minor}: torch's CUTLASS semi-structured kernels run on 8.x only "
+            "(SparseSemiStructuredTensor._FORCE_CUTLASS is set; cuSPARSELt, the default, runs here) (left dense)"
+        )
     return True, f"CUDA compute capability {major}.{minor}: sparse tensor cores"
 
 
@@ -195,7 +202,7 @@ def to_semi_structured(model: nn.Module) -> SemiStructuredReport:
             continue
         verdict, matrix = _check(name, module, backend)
         if matrix is not None:
-            supported, note = _device_supports(module.weight.device)
+            supported, note = _device_supports(module.weight.device, backend)
             notes.add(note)
             if supported:
                 from torch.sparse import to_sparse_semi_structured
