@@ -55,13 +55,6 @@ def _numpy(t: Tensor) -> bool:
     return t.is_cpu and kernels.NUMPY_KERNELS
 
 
-def _native() -> bool:
-    """Whether the engine's compiled kernels are built and switched on (``engine.native``)."""
-    from ._engine import native
-
-    return native.enabled()
-
-
 def _shifts(device: torch.device) -> Tensor:
     return torch.arange(8, dtype=torch.uint8, device=device)
 
@@ -189,10 +182,10 @@ class PackedMask:
             t.mul_(self.to_bool().to(t.device))
             return
         data = self.data if self.device == t.device else self.data.to(t.device)
-        if _numpy(t) and t.dtype in _BIT_VIEWS and _native():
-            # one compiled read+write pass over the weights' bits (pruned: +0): no unpacked piece
-            from ._engine import native
+        from ._engine import native  # the engine imports this module: bound at call time
 
+        if _numpy(t) and t.dtype in _BIT_VIEWS and native.enabled():
+            # one compiled read+write pass over the weights' bits (pruned: +0): no unpacked piece
             native.mask(t.view(_BIT_VIEWS[t.dtype]).numpy().reshape(-1), data.numpy())
             return
         if _numpy(t) and (t.dtype in _NUMPY_FLOATS or t.dtype in _INT_VIEWS):

@@ -18,7 +18,7 @@ tensor; in practice one or two.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -53,6 +53,39 @@ def bounds(spec: Any, numels: Sequence[int], floors: Sequence[int], target: floa
     return lo, hi
 
 
+def unbounded(lo: Sequence[int], hi: Sequence[int], numels: Sequence[int]) -> bool:
+    """Whether bounds from :func:`bounds` bind nothing (one plain selection will do)."""
+    return all(l_ == 0 for l_ in lo) and all(h >= n for h, n in zip(hi, numels))
+
+
+def rounds(
+    lo: Sequence[int],
+    hi: Sequence[int],
+    target: float,
+    choose: Callable[[list[int], float], Mapping[int, float]],
+    pin: Callable[[dict[int, int], bool], float],
+) -> bool:
+    """The rounds of the module docstring, for any selection: ``choose(active, target)`` selects
+    ``target`` elements over the tensors ``active`` together and returns each one's pruned count;
+    ``pin(fixed, over)`` fixes the tensors ``fixed`` (index -> bound; ``over``: at their caps) and
+    returns what they prune in all. True when the last choice was within bounds; False when every
+    tensor ended up pinned (the caller may still owe the last pins' selection)."""
+    target = min(max(target, float(sum(lo))), float(sum(hi)))
+    active = list(range(len(lo)))
+    while active:
+        counts = choose(active, target)
+        over = {i: counts[i] - hi[i] for i in active if counts[i] > hi[i]}
+        under = {i: lo[i] - counts[i] for i in active if counts[i] < lo[i]}
+        if not over and not under:
+            return True
+        fix, bound = (over, hi) if sum(over.values()) >= sum(under.values()) else (under, lo)
+        target -= pin({i: bound[i] for i in fix}, fix is over)
+        active = [i for i in active if i not in fix]
+        # after the fixed tensors took their share, the rest still need what remains (never below 0)
+        target = max(target, 0.0)
+    return False
+
+
 def select_bounded(units: Sequence[_Units], target: float, spec: Any, floors: Sequence[int]) -> None:
     """:func:`~sparsity_core._engine.select` over ``units`` (one per tensor, a global group) with
     each tensor's pruned elements kept within :func:`bounds`; writes each ``units[i].mask``."""
@@ -60,29 +93,25 @@ def select_bounded(units: Sequence[_Units], target: float, spec: Any, floors: Se
 
     numels = [_numel(u) for u in units]
     lo, hi = bounds(spec, numels, floors, target)
-    if all(l_ == 0 for l_ in lo) and all(h >= n for h, n in zip(hi, numels)):
+    if unbounded(lo, hi, numels):
         select(units, target)
         return
-    target = min(max(target, float(sum(lo))), float(sum(hi)))
-    active = list(range(len(units)))
-    while active:
+
+    def choose(active: list[int], target: float) -> dict[int, float]:
         select([units[i] for i in active], target)
-        counts = {i: _pruned(units[i]) for i in active}
-        over = {i: counts[i] - hi[i] for i in active if counts[i] > hi[i]}
-        under = {i: lo[i] - counts[i] for i in active if counts[i] < lo[i]}
-        if not over and not under:
-            return
-        fix, bound = (over, hi) if sum(over.values()) >= sum(under.values()) else (under, lo)
-        for i in fix:
+        return {i: _pruned(units[i]) for i in active}
+
+    def pin(fixed: dict[int, int], over: bool) -> float:
+        pruned = 0
+        for i, want in fixed.items():
             u = units[i]
-            want = bound[i]
             if u.size > 1:  # whole units only: stay inside the bound
-                want = (want // u.size if fix is over else -(-want // u.size)) * u.size
+                want = (want // u.size if over else -(-want // u.size)) * u.size
             select([u], want)
-            target -= _pruned(u)
-        active = [i for i in active if i not in fix]
-        # after a fixed tensor took its share, the rest still need what remains (never below 0)
-        target = max(target, 0.0)
+            pruned += _pruned(u)
+        return pruned
+
+    rounds(lo, hi, target, choose, pin)
 
 
 def check_levels(spec: Any) -> None:

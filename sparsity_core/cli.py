@@ -42,21 +42,14 @@ def _table(title: str, columns: Sequence[str]) -> Any:
 
 
 def _kernels() -> str:
-    """Which kernels the engine's hottest loops run on, found without importing torch: the compiled
+    """Which kernels the engine's hottest loops run on (found without importing torch): the compiled
     ones (``_engine/_bitkernels.c``, built at install when a C compiler was there) or NumPy."""
-    import ctypes
-    import importlib.machinery
+    from . import _clib
 
-    folder = Path(__file__).parent / "_engine"
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = folder / f"_bitkernels{suffix}"
-        if path.exists():
-            try:
-                simd = ctypes.CDLL(str(path)).sc_simd()
-            except (OSError, AttributeError) as exc:
-                return f"compiled kernels present but not loadable ({exc}): NumPy kernels"
-            return "compiled kernels, AVX2" if simd else "compiled kernels, portable C"
-    return "NumPy kernels (the compiled ones were not built: no C compiler at install)"
+    lib = _clib.load()
+    if lib is None:
+        return "NumPy kernels (the compiled ones were not built or do not load: no C compiler at install?)"
+    return "compiled kernels, AVX2" if lib.sc_simd() else "compiled kernels, portable C"
 
 
 def _summary(cls: type) -> str:

@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from .._bits import MaskView
-from .._bounds import bounds
+from .._bounds import bounds, rounds, unbounded
 from .._shards import Communicator, Shard
 from . import kernels
 from .kernels import _count, _ge_into, _in_bracket, _np, _numpy_kernels, apply_mask_, Tensor
@@ -848,36 +848,32 @@ def _select_bounded(parts: list[_Part], target: float, spec: object, floors: Seq
     """``_bounds.select_bounded`` over global sizes and counts (see there)."""
     numels = [p.numel for p in parts]
     lo, hi = bounds(spec, numels, [int(f) for f in floors], target)
-    if all(l_ == 0 for l_ in lo) and all(h >= n for h, n in zip(hi, numels)):
+    if unbounded(lo, hi, numels):
         select_many([_Problem(parts, target)], comm)
         return
-    target = min(max(target, float(sum(lo))), float(sum(hi)))
-    active = list(range(len(parts)))
     fixing: list[_Problem] = []
-    while active:
+
+    def choose(active: list[int], target: float) -> dict[int, float]:
         # the tensors fixed in the last round are selected with the rest (one set of collectives)
         select_many([*fixing, _Problem([parts[i] for i in active], target)], comm)
-        counts = dict(zip(active, _global_sums([parts[i] for i in active], [_pruned(parts[i]) for i in active], comm)))
-        over = {i: counts[i] - hi[i] for i in active if counts[i] > hi[i]}
-        under = {i: lo[i] - counts[i] for i in active if counts[i] < lo[i]}
-        if not over and not under:
-            return
-        fix, bound = (over, hi) if sum(over.values()) >= sum(under.values()) else (under, lo)
-        fixing = []
-        for i in fix:
-            want, size = bound[i], parts[i].size
+        fixing.clear()
+        return dict(zip(active, _global_sums([parts[i] for i in active], [_pruned(parts[i]) for i in active], comm)))
+
+    def pin(fixed: dict[int, int], over: bool) -> float:
+        for i, want in fixed.items():
+            size = parts[i].size
             if size > 1:  # whole units only: stay inside the bound
-                want = (want // size if fix is over else -(-want // size)) * size
+                want = (want // size if over else -(-want // size)) * size
             fixing.append(_Problem([parts[i]], want))
-        if all(parts[i].size for i in fix):  # equal units: exactly round(want / size) of them
-            target -= sum(min(max(round(f.target / f.parts[0].size), 0), f.parts[0].n) * f.parts[0].size for f in fixing)
-        else:  # ragged blocks: what the selection pruned
-            select_many(fixing, comm)
-            fixing = []
-            target -= sum(_global_sums([parts[i] for i in fix], [_pruned(parts[i]) for i in fix], comm))
-        active = [i for i in active if i not in fix]
-        target = max(target, 0.0)
-    select_many(fixing, comm)
+        if all(parts[i].size for i in fixed):  # equal units: exactly round(want / size) of them
+            return sum(min(max(round(f.target / f.parts[0].size), 0), f.parts[0].n) * f.parts[0].size for f in fixing)
+        # ragged blocks: what the selection pruned
+        select_many(fixing, comm)
+        fixing.clear()
+        return sum(_global_sums([parts[i] for i in fixed], [_pruned(parts[i]) for i in fixed], comm))
+
+    if not rounds(lo, hi, target, choose, pin):
+        select_many(fixing, comm)
 
 
 def shard_masks(

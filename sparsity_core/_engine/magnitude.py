@@ -19,7 +19,7 @@ How, for one group (a tensor in layer scope, every tensor of a global group):
    here, naming the tensor, before anything is written.
 3. *Cut*, on those counts alone: per tensor a key ``t`` and how many of its elements of key ``t``
    it prunes (its earliest: ties go by position, tensor order first). A global group's per-tensor
-   bounds are the rounds of :func:`~sparsity_core._bounds.select_bounded` run on the counts; a
+   bounds are the rounds of :func:`~sparsity_core._bounds.rounds` run on the counts; a
    tensor held at a bound far from the group's cut gets a census of its own.
 4. *Apply* (reads and writes every weight once): ``keep = key > t`` (``key >= t`` once the
    tensor's share of the ties is spent, counted piece by piece) goes into the mask, and the
@@ -331,38 +331,36 @@ def _joined(group: Sequence[_Bits]) -> np.ndarray:
 
 def _decide_bounded(group: Sequence[_Bits], target: float, spec: Any, floors: Sequence[int], sparsifier: str) -> list[_Cut]:
     """:func:`_decide` with each tensor's pruned count inside its bounds: the rounds of
-    :func:`~sparsity_core._bounds.select_bounded`, on counts. A tensor fixed at a bound far from
-    the group's cut (a head of tiny weights held at its cap) gets a census of its own: one more
-    read of that tensor, not of the group."""
-    from .._bounds import bounds
+    :func:`~sparsity_core._bounds.rounds`, on counts. A tensor fixed at a bound far from the
+    group's cut (a head of tiny weights held at its cap) gets a census of its own: one more read
+    of that tensor, not of the group."""
+    from .._bounds import bounds, rounds, unbounded
 
     numels = [b.n for b in group]
     lo, hi = bounds(spec, numels, floors, target)
-    if all(l_ == 0 for l_ in lo) and all(h >= n for h, n in zip(hi, numels)):
+    if unbounded(lo, hi, numels):
         return _decide(group, round(target))
-    target = min(max(target, float(sum(lo))), float(sum(hi)))
     cuts: list[_Cut | None] = [None] * len(group)
-    active = list(range(len(group)))
-    while active:
+
+    def choose(active: list[int], target: float) -> dict[int, float]:
         chosen = _decide([group[i] for i in active], round(target))
         for i, c in zip(active, chosen):
             cuts[i] = c
-        counts = {i: c.pruned(group[i]) for i, c in zip(active, chosen)}
-        over = {i: counts[i] - hi[i] for i in active if counts[i] > hi[i]}
-        under = {i: lo[i] - counts[i] for i in active if counts[i] < lo[i]}
-        if not over and not under:
-            break
-        fix, bound = (over, hi) if sum(over.values()) >= sum(under.values()) else (under, lo)
-        for i in fix:
+        return {i: c.pruned(group[i]) for i, c in zip(active, chosen)}
+
+    def pin(fixed: dict[int, int], over: bool) -> float:
+        pruned = 0
+        for i, want in fixed.items():
             try:
-                (c,) = _decide([group[i]], round(bound[i]))
+                (c,) = _decide([group[i]], round(want))
             except _Miss:  # its bound is far from the group's cut: a census of this tensor alone
-                _census([group[i]], round(bound[i]), sparsifier)
-                (c,) = _decide([group[i]], round(bound[i]))
+                _census([group[i]], round(want), sparsifier)
+                (c,) = _decide([group[i]], round(want))
             cuts[i] = c
-            target -= c.pruned(group[i])
-        active = [i for i in active if i not in fix]
-        target = max(target, 0.0)
+            pruned += c.pruned(group[i])
+        return pruned
+
+    rounds(lo, hi, target, choose, pin)
     return [c for c in cuts if c is not None]
 
 
@@ -489,13 +487,22 @@ def nm_keep_rows(name: str, tensor: Tensor, keep: Tensor | None, m: int, prune: 
     transformers' ``Conv1D``): the groups are ``m`` consecutive rows in each column, ties going
     to the earlier row. Compiled kernels only (:func:`~.native.enabled`)."""
     keep = _bool(keep)
-    bits = _Bits(name, tensor, keep, _prunes(keep))
+    return _nm_native(_Bits(name, tensor, keep, _prunes(keep)), tensor.shape, m, prune, apply, sparsifier, cols=tensor.shape[1])
+
+
+def _nm_native(bits: _Bits, shape: torch.Size, m: int, prune: int, apply: bool, sparsifier: str, cols: int | None = None) -> Tensor | PackedMask:
+    """N:M by the compiled kernels, along flat runs, or down the rows of a ``(-1, cols)`` view:
+    the mask packed with ``apply`` (written in the same pass), else as bool."""
     packed = torch.empty(packed_size(bits.n), dtype=torch.uint8)
     current = None if bits.keep is None else bits.keep.view(np.uint8)
-    cols = tensor.shape[1]
-    if native.nm_rows(bits.bits.view(bits.ukind), cols, current, bits.shift, bits.mag, bits.inf, m, prune, apply, packed.numpy()) >= 0:
-        raise _not_finite(name, sparsifier)
-    mask = PackedMask(packed, tensor.shape)
+    keys = bits.bits.view(bits.ukind)
+    if cols is None:
+        bad = native.nm(keys, current, bits.shift, bits.mag, bits.inf, m, prune, apply, packed.numpy())
+    else:
+        bad = native.nm_rows(keys, cols, current, bits.shift, bits.mag, bits.inf, m, prune, apply, packed.numpy())
+    if bad >= 0:
+        raise _not_finite(bits.name, sparsifier)
+    mask = PackedMask(packed, shape)
     return mask if apply else mask.to_bool()
 
 
@@ -509,12 +516,7 @@ def nm_keep(name: str, tensor: Tensor, keep: Tensor | None, m: int, prune: int, 
     keep = _bool(keep)
     bits = _Bits(name, tensor, keep, _prunes(keep))
     if native.enabled():
-        packed = torch.empty(packed_size(bits.n), dtype=torch.uint8)
-        current = None if bits.keep is None else bits.keep.view(np.uint8)
-        if native.nm(bits.bits.view(bits.ukind), current, bits.shift, bits.mag, bits.inf, m, prune, apply, packed.numpy()) >= 0:
-            raise _not_finite(name, sparsifier)
-        mask = PackedMask(packed, tensor.shape)
-        return mask if apply else mask.to_bool()
+        return _nm_native(bits, tensor.shape, m, prune, apply, sparsifier)
     out = torch.empty(tensor.shape, dtype=torch.bool)
     flat = out.view(-1).numpy()
     step = max(m, min(kernels.CHUNK, _CHUNK) // m * m)

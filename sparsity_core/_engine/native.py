@@ -11,53 +11,14 @@ contiguous and stay alive for the call (they do: the callers hold them).
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 from typing import Final
 
 import numpy as np
 
+from .. import _clib
 from . import kernels
 
-_V, _I64, _INT, _U64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint64
-
-
-def _load() -> ctypes.CDLL | None:
-    try:
-        spec = importlib.util.find_spec("sparsity_core._engine._bitkernels")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.origin:
-        return None
-    try:
-        lib = ctypes.CDLL(spec.origin)
-    except OSError:
-        return None
-    for width, key in ((16, ctypes.c_uint16), (32, ctypes.c_uint32)):
-        census = getattr(lib, f"sc_census{width}")
-        census.argtypes = [_V, _I64, _V, _INT, key, key, key, key, key, _V, _I64, _V, _INT]
-        census.restype = _I64
-        apply = getattr(lib, f"sc_apply{width}")
-        apply.argtypes = [_V, _I64, _V, _INT, key, _U64, key, _I64, _INT, _V, _INT]
-        apply.restype = None
-        nm = getattr(lib, f"sc_nm{width}")
-        nm.argtypes = [_V, _I64, _V, _INT, key, key, _INT, _INT, _INT, _V, _INT]
-        nm.restype = _I64
-        rows = getattr(lib, f"sc_nm_rows{width}")
-        rows.argtypes = [_V, _I64, _I64, _V, _INT, key, key, _INT, _INT, _INT, _V, _INT]
-        rows.restype = _I64
-        mask = getattr(lib, f"sc_mask{width}")
-        mask.argtypes = [_V, _I64, _V, _INT]
-        mask.restype = None
-    lib.sc_select16.argtypes = [_V, _I64, _I64]
-    lib.sc_select16.restype = _I64
-    lib.sc_simd.argtypes = []
-    lib.sc_simd.restype = _INT
-    lib.sc_simd()  # the CPU check and its tables, once, here: ctypes calls run without the GIL
-    return lib
-
-
-_LIB: Final = _load()
+_LIB: Final = _clib.load()
 
 #: Whether the compiled kernels loaded.
 AVAILABLE: Final = _LIB is not None
